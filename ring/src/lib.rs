@@ -1,0 +1,2 @@
+//! ringblk's engine: one [`Context`] per thread, each owning one io_uring.
+pub mod buf;
