@@ -138,6 +138,7 @@ impl Session {
                 plans.push(Plan {
                     read_pct,
                     random,
+                    permute: random && !job.time_based,
                     start,
                     blocks,
                     block_len: job.bs,
@@ -195,6 +196,7 @@ impl Session {
                 Plan {
                     read_pct: 100,
                     random: false,
+                    permute: false,
                     start: table.offset_of(per * i),
                     blocks,
                     block_len: table.block_len,

@@ -34,6 +34,9 @@ pub(crate) struct Plan {
     /// Percentage of reads (100: only reads, 0: only writes).
     pub(crate) read_pct: u8,
     pub(crate) random: bool,
+    /// Random order without repeats: each pass touches every block once (fio's random map);
+    /// otherwise random blocks are drawn with replacement (time-based runs).
+    pub(crate) permute: bool,
     /// First byte of this thread's region.
     pub(crate) start: u64,
     /// Blocks in the region (at least 1).
@@ -111,6 +114,63 @@ impl Rng {
     }
 }
 
+/// A pseudo-random permutation of `0..n` walked one element at a time, without memory: a
+/// bijective scramble of a counter over the next power of two, skipping values `>= n`
+/// (at most half of them), so every pass yields each block exactly once.
+struct Permutation {
+    n: u64,
+    bits: u32,
+    seed: u64,
+    counter: u64,
+}
+
+impl Permutation {
+    fn new(n: u64, seed: u64) -> Self {
+        let bits = n.max(1).next_power_of_two().trailing_zeros();
+        Permutation {
+            n: n.max(1),
+            bits,
+            seed,
+            counter: 0,
+        }
+    }
+
+    fn mask(&self) -> u64 {
+        if self.bits >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.bits) - 1
+        }
+    }
+
+    /// A bijection of `0..2^bits`: xor, odd multiplies and xor-shifts, each invertible mod 2^bits.
+    fn scramble(&self, x: u64) -> u64 {
+        let mask = self.mask();
+        let shift = self.bits.div_ceil(2).max(1);
+        let mut x = (x ^ self.seed) & mask;
+        for k in [
+            0x9e37_79b9_7f4a_7c15u64,
+            0xbf58_476d_1ce4_e5b9,
+            0x94d0_49bb_1331_11eb,
+        ] {
+            x = x.wrapping_mul(k) & mask;
+            x ^= x >> shift;
+        }
+        x
+    }
+
+    fn next(&mut self) -> u64 {
+        loop {
+            let i = self.counter;
+            self.counter = (i + 1) & self.mask();
+            let y = self.scramble(i);
+            if y < self.n {
+                return y;
+            }
+        }
+    }
+}
+
 struct Worker<'a> {
     plan: &'a Plan,
     env: &'a Env<'a>,
@@ -122,6 +182,9 @@ struct Worker<'a> {
     issued: u64,
     cursor: u64,
     rng: Rng,
+    perm: Permutation,
+    /// The next block of the permutation, drawn but not yet issued.
+    perm_next: Option<u64>,
     /// Index in the verify table of the region's first block.
     table_first: u64,
     scratch: Vec<u8>,
@@ -171,6 +234,8 @@ pub(crate) fn run(
         issued: 0,
         cursor: 0,
         rng: Rng(plan.seed),
+        perm: Permutation::new(plan.blocks, plan.seed),
+        perm_next: None,
         table_first,
         scratch: if env.table.is_some() {
             vec![0u8; plan.block_len as usize]
@@ -288,7 +353,18 @@ impl Worker<'_> {
             pct => self.rng.below(100) >= u64::from(pct),
         };
         let verifying = self.env.table.is_some();
-        if plan.random {
+        if plan.permute {
+            let b = match self.perm_next {
+                Some(b) => b,
+                None => self.perm.next(),
+            };
+            if verifying && self.busy(b) {
+                self.perm_next = Some(b);
+                return None;
+            }
+            self.perm_next = None;
+            Some((b, write))
+        } else if plan.random {
             for _ in 0..if verifying { PICK_ATTEMPTS } else { 1 } {
                 let b = self.rng.below(plan.blocks);
                 if !verifying || !self.busy(b) {
@@ -452,5 +528,42 @@ impl Worker<'_> {
             self.in_flight,
             STALL_TIMEOUT.as_secs()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_yields_every_block_once_per_pass() {
+        for n in [1u64, 2, 3, 7, 8, 1000, 4096, 5000] {
+            let mut p = Permutation::new(n, 0x1234 + n);
+            for _pass in 0..2 {
+                let mut seen = vec![false; usize::try_from(n).unwrap()];
+                for _ in 0..n {
+                    let b = usize::try_from(p.next()).unwrap();
+                    assert!(!seen[b], "n={n}: block {b} twice in one pass");
+                    seen[b] = true;
+                }
+                assert!(seen.iter().all(|s| *s));
+            }
+        }
+    }
+
+    #[test]
+    fn permutation_is_not_sequential() {
+        let mut p = Permutation::new(1 << 16, 7);
+        let first: Vec<u64> = (0..8).map(|_| p.next()).collect();
+        assert!(
+            first.windows(2).filter(|w| w[1] == w[0] + 1).count() < 2,
+            "{first:?}"
+        );
+    }
+
+    #[test]
+    fn below_stays_in_range() {
+        let mut r = Rng(1);
+        assert!((0..10_000).all(|_| r.below(3) < 3));
     }
 }
