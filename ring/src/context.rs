@@ -1,0 +1,682 @@
+//! The context: one thread, one io_uring, and the loop that dispatches everything on it.
+//!
+//! A loop turn runs, in this order: the deferred callbacks queued before the turn began, the
+//! callbacks posted by other threads, and the completions the kernel has posted. If none of those
+//! did anything, the context polls (pollers and the completion queue) for up to `poll_max_ns`,
+//! then sleeps in `io_uring_enter` until a completion arrives. External sources are polled with
+//! single-shot POLL_ADD ops that are re-armed after each dispatch, which makes them level-triggered.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use io_uring::{IoUring, types};
+
+use crate::op::Op;
+use crate::remote::{Remote, RemoteTask, Shared};
+use crate::sync::{AtomicU64, Ordering};
+use crate::{Group, eventfd_drain};
+
+thread_local! {
+    static CURRENT: RefCell<Option<Context>> = const { RefCell::new(None) };
+}
+
+static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Completion callback of an op: gets the op back (with its buffers) and the result.
+pub type Done = Box<dyn FnOnce(Op, io::Result<u32>)>;
+
+type Handler = Rc<RefCell<dyn FnMut()>>;
+
+/// Identifies an external source registered with [`Context::add_source`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceId(usize);
+
+/// Identifies a poller registered with [`Context::add_poller`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PollerId(usize);
+
+enum Owner {
+    User(Done),
+    Source(usize),
+    Wake,
+    Cancel,
+}
+
+struct Slot {
+    generation: u32,
+    inflight: Option<(Op, Owner)>,
+}
+
+struct Source {
+    group: Group,
+    fd: RawFd,
+    handler: Handler,
+    /// Its POLL_ADD is in flight (with this user data).
+    armed: Option<u64>,
+    /// Removed by its owner; the slot is freed once its poll has completed.
+    removed: bool,
+}
+
+struct Poller {
+    group: Group,
+    poll: Rc<RefCell<dyn FnMut() -> bool>>,
+}
+
+struct Inner {
+    id: u64,
+    ring: RefCell<IoUring>,
+    slots: RefCell<Vec<Slot>>,
+    free_slots: RefCell<Vec<u32>>,
+    ops_in_flight: Cell<usize>,
+    unsubmitted: Cell<u32>,
+    deferred: RefCell<VecDeque<Box<dyn FnOnce()>>>,
+    deferred_spare: RefCell<VecDeque<Box<dyn FnOnce()>>>,
+    sources: RefCell<Vec<Option<Source>>>,
+    mutes: RefCell<HashMap<Group, u32>>,
+    pollers: RefCell<Vec<Option<Poller>>>,
+    poll_max: Cell<Duration>,
+    shared: Arc<Shared>,
+    rx: Receiver<RemoteTask>,
+    wake_armed: Cell<bool>,
+}
+
+/// How long a loop turn may block when there is nothing to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Return at once.
+    No,
+    /// Block at most this long.
+    For(Duration),
+    /// Block until something happens.
+    Forever,
+}
+
+/// A handle to the current thread's context. Cheap to clone; not `Send` (use [`Remote`]).
+#[derive(Clone)]
+pub struct Context(Rc<Inner>);
+
+impl Context {
+    /// Creates the context of the calling thread, with a submission queue of `entries`.
+    ///
+    /// Panics if the thread already has one: a thread runs exactly one context.
+    pub fn new(entries: u32) -> io::Result<Context> {
+        assert!(Context::try_current().is_none(), "this thread already has a ring context");
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .setup_single_issuer()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))?;
+        let id = NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let (shared, rx) = Shared::new(id)?;
+        let ctx = Context(Rc::new(Inner {
+            id,
+            ring: RefCell::new(ring),
+            slots: RefCell::new(Vec::new()),
+            free_slots: RefCell::new(Vec::new()),
+            ops_in_flight: Cell::new(0),
+            unsubmitted: Cell::new(0),
+            deferred: RefCell::new(VecDeque::new()),
+            deferred_spare: RefCell::new(VecDeque::new()),
+            sources: RefCell::new(Vec::new()),
+            mutes: RefCell::new(HashMap::new()),
+            pollers: RefCell::new(Vec::new()),
+            poll_max: Cell::new(Duration::ZERO),
+            shared,
+            rx,
+            wake_armed: Cell::new(false),
+        }));
+        CURRENT.with(|c| *c.borrow_mut() = Some(ctx.clone()));
+        Ok(ctx)
+    }
+
+    /// The calling thread's context. Panics if it has none.
+    pub fn current() -> Context {
+        Context::try_current().expect("no ring context on this thread")
+    }
+
+    /// The calling thread's context, if it has one.
+    pub fn try_current() -> Option<Context> {
+        CURRENT.with(|c| c.borrow().clone())
+    }
+
+    /// A number unique to this context.
+    pub fn id(&self) -> u64 {
+        self.0.id
+    }
+
+    /// A `Send` handle for posting work to this context from other threads.
+    pub fn remote(&self) -> Remote {
+        Remote { shared: self.0.shared.clone() }
+    }
+
+    /// Sets how long the loop busy-polls after its last activity before sleeping (0 disables).
+    pub fn set_poll_max(&self, poll_max: Duration) {
+        self.0.poll_max.set(poll_max);
+    }
+
+    /// Runs `f` at a later loop turn of this context, never inline.
+    pub fn defer(&self, f: impl FnOnce() + 'static) {
+        self.0.deferred.borrow_mut().push_back(Box::new(f));
+    }
+
+    /// Queues `op`; `done` runs on this context with the op and its result when it completes.
+    /// SQEs are handed to the kernel in one batch at the end of the loop turn. If the op cannot
+    /// be queued, it is handed back with the error.
+    pub fn submit(
+        &self,
+        op: Op,
+        done: impl FnOnce(Op, io::Result<u32>) + 'static,
+    ) -> Result<(), (io::Error, Op)> {
+        self.push(op, Owner::User(Box::new(done))).map(|_| ())
+    }
+
+    /// Number of ops (user I/O and internal polls) the kernel holds.
+    pub fn ops_in_flight(&self) -> usize {
+        self.0.ops_in_flight.get()
+    }
+
+    /// Registers guest or buffer memory as io_uring fixed buffers, replacing any earlier set.
+    /// Ops whose buffers report a `fixed_index` then use READ_FIXED/WRITE_FIXED.
+    pub fn register_buffers(&self, iovecs: &[libc::iovec]) -> io::Result<()> {
+        let ring = self.0.ring.borrow();
+        let _ = ring.submitter().unregister_buffers();
+        // SAFETY: the kernel pins the pages behind `iovecs` for as long as they stay registered,
+        // so the registration cannot outlive the memory from the kernel's side even if the
+        // caller unmaps it; fixed ops are only built from IoBuffers whose contract guarantees
+        // their single segment lies inside the buffer they name.
+        unsafe { ring.submitter().register_buffers(iovecs) }
+    }
+
+    /// Drops the fixed buffers registered with [`Context::register_buffers`].
+    pub fn unregister_buffers(&self) {
+        let _ = self.0.ring.borrow().submitter().unregister_buffers();
+    }
+
+    // ---- external sources -------------------------------------------------------------------
+
+    /// Registers `fd` (an eventfd) as an external source in `group`. When it becomes readable and
+    /// the group is not muted, the context consumes the eventfd count and calls `handler`.
+    pub fn add_source(&self, group: Group, fd: RawFd, handler: impl FnMut() + 'static) -> SourceId {
+        let source = Source { group, fd, handler: Rc::new(RefCell::new(handler)), armed: None, removed: false };
+        let mut sources = self.0.sources.borrow_mut();
+        let index = match sources.iter().position(Option::is_none) {
+            Some(i) => {
+                sources[i] = Some(source);
+                i
+            }
+            None => {
+                sources.push(Some(source));
+                sources.len() - 1
+            }
+        };
+        drop(sources);
+        if !self.is_muted(group) {
+            self.arm(index);
+        }
+        SourceId(index)
+    }
+
+    /// Unregisters a source. Its handler is never called again; its poll is cancelled.
+    pub fn remove_source(&self, id: SourceId) {
+        let armed = {
+            let mut sources = self.0.sources.borrow_mut();
+            let Some(source) = sources[id.0].as_mut() else { return };
+            source.removed = true;
+            match source.armed {
+                Some(user_data) => Some(user_data),
+                None => {
+                    sources[id.0] = None;
+                    None
+                }
+            }
+        };
+        if let Some(target) = armed {
+            let _ = self.push(Op::Cancel { target }, Owner::Cancel);
+        }
+    }
+
+    /// Raises the mute counter of `group`: its sources are neither consumed nor dispatched until
+    /// the counter is back at zero. Takes effect at once on this thread.
+    pub fn mute(&self, group: Group) {
+        *self.0.mutes.borrow_mut().entry(group).or_insert(0) += 1;
+    }
+
+    /// Lowers the mute counter of `group`. At zero, every source of the group is dispatched once
+    /// at the next loop turn, whether or not its fd fired (the self-kick).
+    pub fn unmute(&self, group: Group) {
+        let mut mutes = self.0.mutes.borrow_mut();
+        let count = mutes.get_mut(&group).expect("unmute of a group that is not muted");
+        *count -= 1;
+        if *count == 0 {
+            mutes.remove(&group);
+            drop(mutes);
+            let ctx = self.clone();
+            self.defer(move || ctx.kick_group(group));
+        }
+    }
+
+    /// Whether `group` is muted on this context.
+    pub fn is_muted(&self, group: Group) -> bool {
+        self.0.mutes.borrow().contains_key(&group)
+    }
+
+    /// Registers a function the loop calls while it busy-polls (see [`Context::set_poll_max`]);
+    /// it returns whether it found work. Skipped while its group is muted.
+    pub fn add_poller(&self, group: Group, poll: impl FnMut() -> bool + 'static) -> PollerId {
+        let mut pollers = self.0.pollers.borrow_mut();
+        pollers.push(Some(Poller { group, poll: Rc::new(RefCell::new(poll)) }));
+        PollerId(pollers.len() - 1)
+    }
+
+    /// Unregisters a poller.
+    pub fn remove_poller(&self, id: PollerId) {
+        self.0.pollers.borrow_mut()[id.0] = None;
+    }
+
+    fn kick_group(&self, group: Group) {
+        if self.is_muted(group) {
+            return;
+        }
+        let members: Vec<usize> = self
+            .0
+            .sources
+            .borrow()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| s.group == group && !s.removed))
+            .map(|(i, _)| i)
+            .collect();
+        for index in members {
+            self.dispatch_source(index);
+        }
+    }
+
+    /// Consumes the source's eventfd, calls its handler and re-arms its poll.
+    fn dispatch_source(&self, index: usize) {
+        let (fd, handler) = {
+            let sources = self.0.sources.borrow();
+            let Some(s) = sources[index].as_ref().filter(|s| !s.removed) else { return };
+            (s.fd, s.handler.clone())
+        };
+        eventfd_drain(fd);
+        (handler.borrow_mut())();
+        self.arm(index);
+    }
+
+    fn arm(&self, index: usize) {
+        let fd = {
+            let sources = self.0.sources.borrow();
+            match sources[index].as_ref() {
+                Some(s) if !s.removed && s.armed.is_none() => s.fd,
+                _ => return,
+            }
+        };
+        let user_data = self.push(Op::PollIn { fd }, Owner::Source(index)).unwrap_or_else(|(e, _)| {
+            panic!("cannot arm an external source poll: {e}");
+        });
+        if let Some(s) = self.0.sources.borrow_mut()[index].as_mut() {
+            s.armed = Some(user_data);
+        }
+    }
+
+    fn source_polled(&self, index: usize, result: i32) {
+        let group = {
+            let mut sources = self.0.sources.borrow_mut();
+            let Some(s) = sources[index].as_mut() else { return };
+            s.armed = None;
+            if s.removed {
+                sources[index] = None;
+                return;
+            }
+            s.group
+        };
+        // While muted the event stays in the eventfd and the poll stays unarmed: the source is
+        // neither consumed nor dispatched until the unmute's self-kick.
+        if self.is_muted(group) {
+            return;
+        }
+        if result < 0 {
+            // The poll itself failed (not a cancel: removed sources returned above); re-arm
+            // rather than dispatch a kick that did not happen.
+            self.arm(index);
+            return;
+        }
+        self.dispatch_source(index);
+    }
+
+    // ---- ops --------------------------------------------------------------------------------
+
+    fn push(&self, op: Op, owner: Owner) -> Result<u64, (io::Error, Op)> {
+        let index = match self.0.free_slots.borrow_mut().pop() {
+            Some(i) => i,
+            None => {
+                let mut slots = self.0.slots.borrow_mut();
+                slots.push(Slot { generation: 0, inflight: None });
+                u32::try_from(slots.len() - 1).expect("fewer than 2^32 ops in flight")
+            }
+        };
+        let user_data = {
+            let mut slots = self.0.slots.borrow_mut();
+            let slot = &mut slots[index as usize];
+            slot.generation = slot.generation.wrapping_add(1);
+            (u64::from(slot.generation) << 32) | u64::from(index)
+        };
+        let entry = op.sqe(user_data);
+        let mut pushed = self.push_sqe(&entry);
+        if !pushed {
+            // The submission queue is full: hand the batch to the kernel and try once more.
+            if let Err(e) = self.flush() {
+                self.0.free_slots.borrow_mut().push(index);
+                return Err((e, op));
+            }
+            pushed = self.push_sqe(&entry);
+        }
+        if !pushed {
+            self.0.free_slots.borrow_mut().push(index);
+            return Err((io::Error::from_raw_os_error(libc::EBUSY), op));
+        }
+        self.0.slots.borrow_mut()[index as usize].inflight = Some((op, owner));
+        self.0.ops_in_flight.set(self.0.ops_in_flight.get() + 1);
+        self.0.unsubmitted.set(self.0.unsubmitted.get() + 1);
+        Ok(user_data)
+    }
+
+    fn push_sqe(&self, entry: &io_uring::squeue::Entry) -> bool {
+        let mut ring = self.0.ring.borrow_mut();
+        // SAFETY: the entry points only into the op's buffers (and iovec array), which are heap
+        // memory owned by the op; the op is stored in its slot right after this push and stays
+        // there until the completion carrying this user data is reaped (see `complete`), and
+        // teardown waits for every completion before freeing any slot (see `shutdown`).
+        unsafe { ring.submission().push(entry).is_ok() }
+    }
+
+    /// Hands queued SQEs to the kernel without waiting.
+    fn flush(&self) -> io::Result<()> {
+        if self.0.unsubmitted.get() == 0 {
+            return Ok(());
+        }
+        self.0.unsubmitted.set(0);
+        loop {
+            match self.0.ring.borrow().submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // The completion queue is full: reap to make room, then retry.
+                    self.reap();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Dispatches every completion the kernel has posted. Returns whether there was any.
+    fn reap(&self) -> bool {
+        let mut any = false;
+        loop {
+            let mut batch = [(0u64, 0i32); 32];
+            let mut n = 0;
+            {
+                let mut ring = self.0.ring.borrow_mut();
+                for cqe in ring.completion().take(batch.len()) {
+                    batch[n] = (cqe.user_data(), cqe.result());
+                    n += 1;
+                }
+            }
+            if n == 0 {
+                return any;
+            }
+            any = true;
+            for &(user_data, result) in &batch[..n] {
+                self.complete(user_data, result);
+            }
+        }
+    }
+
+    fn complete(&self, user_data: u64, result: i32) {
+        let index = (user_data & 0xffff_ffff) as usize;
+        let (op, owner) = {
+            let mut slots = self.0.slots.borrow_mut();
+            let slot = &mut slots[index];
+            assert_eq!(u64::from(slot.generation), user_data >> 32, "completion for a stale op slot");
+            slot.inflight.take().expect("completion for an op that is not in flight")
+        };
+        self.0.free_slots.borrow_mut().push(index as u32);
+        self.0.ops_in_flight.set(self.0.ops_in_flight.get() - 1);
+        match owner {
+            Owner::User(done) => {
+                let result = if result < 0 { Err(io::Error::from_raw_os_error(-result)) } else { Ok(result as u32) };
+                done(op, result);
+            }
+            Owner::Source(source) => self.source_polled(source, result),
+            Owner::Wake => {
+                self.0.wake_armed.set(false);
+                eventfd_drain(self.0.shared.wake_fd());
+            }
+            Owner::Cancel => {}
+        }
+    }
+
+    // ---- the loop ---------------------------------------------------------------------------
+
+    /// Runs one loop turn, blocking at most as `wait` says when there is nothing to do.
+    /// Returns whether anything was dispatched.
+    pub fn turn(&self, wait: Wait) -> bool {
+        if self.dispatch_ready() {
+            self.flush_or_panic();
+            return true;
+        }
+        if self.busy_poll() {
+            self.flush_or_panic();
+            return true;
+        }
+        if wait == Wait::No {
+            self.flush_or_panic();
+            return false;
+        }
+        self.sleep(wait);
+        let progress = self.reap();
+        self.flush_or_panic();
+        progress
+    }
+
+    /// Runs loop turns until `pred` holds. Used by drains: the condition may depend on other
+    /// threads, so each turn sleeps at most a short while before checking again.
+    pub fn run_until(&self, mut pred: impl FnMut() -> bool) {
+        while !pred() {
+            self.turn(Wait::For(Duration::from_micros(50)));
+        }
+    }
+
+    /// Runs loop turns until [`Remote::stop`] is called.
+    pub fn run(&self) {
+        while !self.0.shared.stop.load(Ordering::SeqCst) {
+            self.turn(Wait::Forever);
+        }
+    }
+
+    fn dispatch_ready(&self) -> bool {
+        let mut progress = false;
+        // Deferred callbacks queued before this turn; ones they queue run next turn.
+        let mut batch = self.0.deferred_spare.take();
+        std::mem::swap(&mut batch, &mut *self.0.deferred.borrow_mut());
+        if !batch.is_empty() {
+            progress = true;
+            while let Some(f) = batch.pop_front() {
+                f();
+            }
+        }
+        *self.0.deferred_spare.borrow_mut() = batch;
+        while let Ok(task) = self.0.rx.try_recv() {
+            progress = true;
+            task();
+        }
+        progress | self.reap()
+    }
+
+    fn busy_poll(&self) -> bool {
+        let poll_max = self.0.poll_max.get();
+        if poll_max.is_zero() {
+            return false;
+        }
+        let start = Instant::now();
+        loop {
+            if self.run_pollers() || self.completions_ready() || !self.0.rx.is_empty() {
+                return self.dispatch_ready() | true;
+            }
+            if start.elapsed() >= poll_max {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn completions_ready(&self) -> bool {
+        let mut ring = self.0.ring.borrow_mut();
+        if ring.submission().taskrun() {
+            // Completions are waiting for task work that only runs when we enter the kernel.
+            let _ = ring.submit();
+        }
+        !ring.completion().is_empty()
+    }
+
+    fn run_pollers(&self) -> bool {
+        let active: Vec<_> = self
+            .0
+            .pollers
+            .borrow()
+            .iter()
+            .flatten()
+            .filter(|p| !self.is_muted(p.group))
+            .map(|p| p.poll.clone())
+            .collect();
+        let mut progress = false;
+        for poll in active {
+            progress |= (poll.borrow_mut())();
+        }
+        progress
+    }
+
+    fn sleep(&self, wait: Wait) {
+        if !self.0.wake_armed.get() {
+            let fd = self.0.shared.wake_fd();
+            if self.push(Op::PollIn { fd }, Owner::Wake).is_ok() {
+                self.0.wake_armed.set(true);
+            }
+        }
+        let sleep = &self.0.shared.sleep;
+        sleep.begin();
+        let idle = self.0.rx.is_empty()
+            && self.0.deferred.borrow().is_empty()
+            && !self.0.shared.stop.load(Ordering::SeqCst);
+        if idle {
+            self.0.unsubmitted.set(0);
+            let ring = self.0.ring.borrow();
+            let result = match wait {
+                Wait::Forever => ring.submit_and_wait(1),
+                Wait::For(d) => {
+                    let ts = types::Timespec::from(d);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    ring.submitter().submit_with_args(1, &args)
+                }
+                Wait::No => unreachable!("turn returns before sleeping when told not to wait"),
+            };
+            match result {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => panic!("io_uring_enter failed: {e}"),
+            }
+        }
+        sleep.end();
+    }
+
+    fn flush_or_panic(&self) {
+        if let Err(e) = self.flush() {
+            panic!("io_uring submit failed: {e}");
+        }
+    }
+
+    // ---- teardown ---------------------------------------------------------------------------
+
+    /// Tears the context down: cancels every op the kernel holds, waits until each completion
+    /// has been reaped (user completions run with their result, often ECANCELED), drops sources,
+    /// pollers and pending callbacks, and detaches the context from its thread. No buffer is
+    /// released while the kernel may still touch it.
+    pub fn shutdown(self) {
+        let sources: Vec<SourceId> = (0..self.0.sources.borrow().len()).map(SourceId).collect();
+        for id in sources {
+            self.remove_source(id);
+        }
+        self.cancel_and_wait();
+        self.0.sources.borrow_mut().clear();
+        self.0.pollers.borrow_mut().clear();
+        self.0.deferred.borrow_mut().clear();
+        while self.0.rx.try_recv().is_ok() {}
+        CURRENT.with(|c| c.borrow_mut().take());
+    }
+
+    fn cancel_and_wait(&self) {
+        while self.0.ops_in_flight.get() > 0 {
+            let targets: Vec<u64> = self
+                .0
+                .slots
+                .borrow()
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| matches!(s.inflight, Some((_, ref o)) if !matches!(o, Owner::Cancel)))
+                .map(|(i, s)| (u64::from(s.generation) << 32) | i as u64)
+                .collect();
+            for target in targets {
+                let _ = self.push(Op::Cancel { target }, Owner::Cancel);
+            }
+            let _ = self.flush();
+            // Completions may queue callbacks that release more work; run them too.
+            let _ = self.dispatch_ready();
+            if self.0.ops_in_flight.get() > 0 {
+                let _ = self.0.ring.borrow().submit_and_wait(1);
+                self.reap();
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // `shutdown` normally emptied the table. If the last handle went away some other way,
+        // still never free a buffer the kernel may touch: cancel what is in flight and wait for
+        // every completion.
+        let mut waiting: Vec<u64> = self
+            .slots
+            .get_mut()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.inflight.is_some())
+            .map(|(i, s)| (u64::from(s.generation) << 32) | i as u64)
+            .collect();
+        let ring = self.ring.get_mut();
+        for &target in &waiting {
+            let cancel = Op::Cancel { target }.sqe(CANCEL_USER_DATA);
+            // SAFETY: a cancel entry points to no memory.
+            while unsafe { ring.submission().push(&cancel) }.is_err() {
+                let _ = ring.submit();
+            }
+        }
+        while !waiting.is_empty() {
+            if ring.submit_and_wait(1).is_err() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            for cqe in ring.completion() {
+                waiting.retain(|&u| u != cqe.user_data());
+            }
+        }
+    }
+}
+
+/// User data of cancel entries pushed during drop: matches no slot.
+const CANCEL_USER_DATA: u64 = u64::MAX;
