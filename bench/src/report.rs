@@ -8,6 +8,9 @@ use crate::WaitMode;
 use crate::device::DeviceInfo;
 use crate::verify::BadBlock;
 
+/// Other processes' CPU use (in cores) above which a run is flagged as disturbed.
+pub const NOISE_CORES: f64 = 0.05;
+
 /// Results of one run (all jobs of a job file together, like fio's group reporting).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Report {
@@ -75,12 +78,19 @@ pub struct LatencyReport {
 pub struct CpuReport {
     /// The generator's own CPU seconds (getrusage, user + system).
     pub generator_s: f64,
-    /// Generator CPU microseconds per I/O.
+    /// Generator CPU microseconds per I/O. In poll mode this includes spinning, so it is the
+    /// generator's wall time per I/O; see `generator_busy_us_per_io` for the work.
     pub generator_us_per_io: f64,
+    /// Generator CPU per I/O less the time its threads spent spinning for completions
+    /// (poll mode): what generating one I/O costs.
+    pub generator_busy_us_per_io: f64,
     /// Backend CPU seconds (/proc/PID/stat utime + stime), if a backend pid was given.
     pub backend_s: Option<f64>,
     /// Backend CPU microseconds per I/O.
     pub backend_us_per_io: Option<f64>,
+    /// CPU seconds the rest of the machine used meanwhile (/proc/stat busy time less the
+    /// generator and the backend): other work competing for the cores makes numbers unreliable.
+    pub others_s: Option<f64>,
 }
 
 /// Verify results (in-run read checks and the final pass together).
@@ -173,13 +183,23 @@ impl fmt::Display for Report {
         }
         write!(
             f,
-            "  cpu: generator {:.2} us/IO",
-            self.cpu.generator_us_per_io
+            "  cpu: generator {:.2} us/IO ({:.2} busy)",
+            self.cpu.generator_us_per_io, self.cpu.generator_busy_us_per_io
         )?;
         if let Some(b) = self.cpu.backend_us_per_io {
             write!(f, ", backend {b:.2} us/IO")?;
         }
         writeln!(f)?;
+        if let Some(o) = self.cpu.others_s
+            && self.elapsed_s > 0.0
+            && o / self.elapsed_s > NOISE_CORES
+        {
+            writeln!(
+                f,
+                "  warning: other processes used {:.0}% of a CPU during the run",
+                100.0 * o / self.elapsed_s
+            )?;
+        }
         if self.io_errors > 0 {
             writeln!(f, "  errors: {} I/Os failed", self.io_errors)?;
         }

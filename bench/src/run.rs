@@ -343,6 +343,27 @@ fn resolve(job: &Job, info: &DeviceInfo) -> Result<Resolved, Error> {
 struct CpuSample {
     own_s: f64,
     backend_s: Option<f64>,
+    machine_busy_s: Option<f64>,
+}
+
+/// Busy CPU seconds of the whole machine since boot (/proc/stat: all but idle and iowait).
+fn machine_busy_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
+    let busy: u64 = ticks.iter().take(8).sum::<u64>() - ticks.get(3)? - ticks.get(4)?;
+    Some(busy as f64 / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
 }
 
 fn cpu_sample(backend_pid: Option<i32>) -> CpuSample {
@@ -355,6 +376,7 @@ fn cpu_sample(backend_pid: Option<i32>) -> CpuSample {
     CpuSample {
         own_s,
         backend_s: backend_pid.and_then(proc_cpu_s),
+        machine_busy_s: machine_busy_s(),
     }
 }
 
@@ -367,11 +389,7 @@ pub(crate) fn proc_cpu_s(pid: i32) -> Option<f64> {
     // utime and stime are fields 14 and 15 of the whole line; `rest` starts at field 3.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100);
-    Some((utime + stime) as f64 / ticks as f64)
+    Some((utime + stime) as f64 / clock_ticks())
 }
 
 /// Starts the queues, runs one thread per plan and collects their outcomes.
@@ -443,12 +461,18 @@ fn execute(
     let ios: u64 = outcomes.iter().map(|o| o.ios[0] + o.ios[1]).sum();
     let per_io = |s: f64| if ios > 0 { s * 1e6 / ios as f64 } else { 0.0 };
     let generator_s = after.own_s - before.own_s;
+    let idle_s: f64 = outcomes.iter().map(|o| o.idle.as_secs_f64()).sum();
     let backend_s = before.backend_s.zip(after.backend_s).map(|(b, a)| a - b);
     let cpu = CpuReport {
         generator_s,
         generator_us_per_io: per_io(generator_s),
+        generator_busy_us_per_io: per_io((generator_s - idle_s).max(0.0)),
         backend_s,
         backend_us_per_io: backend_s.map(per_io),
+        others_s: before
+            .machine_busy_s
+            .zip(after.machine_busy_s)
+            .map(|(b, a)| (a - b - generator_s - backend_s.unwrap_or(0.0)).max(0.0)),
     };
     Ok((outcomes, elapsed.as_secs_f64(), cpu))
 }

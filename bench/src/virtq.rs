@@ -476,6 +476,97 @@ impl SplitQueue {
     }
 }
 
+/// The device's side of a queue, for tests: pops avail entries and pushes used entries into
+/// the same shared memory, well-behaved or not.
+#[cfg(test)]
+pub(crate) struct DeviceSide {
+    _mem: Arc<SharedMemory>,
+    layout: QueueLayout,
+    avail: *mut u8,
+    used: *mut u8,
+    meta: *mut u8,
+    last_avail: u16,
+    used_idx: u16,
+}
+
+// SAFETY: as for `SplitQueue`: pointers into the `Arc`-held mapping, used by one thread.
+#[cfg(test)]
+unsafe impl Send for DeviceSide {}
+
+#[cfg(test)]
+impl DeviceSide {
+    pub(crate) fn new(q: &SplitQueue) -> Self {
+        DeviceSide {
+            _mem: Arc::clone(&q.mem),
+            layout: q.layout,
+            avail: q.avail,
+            used: q.used,
+            meta: q.meta,
+            last_avail: 0,
+            used_idx: 0,
+        }
+    }
+
+    /// The next available chain head and its request type, if the driver published one.
+    pub(crate) fn pop(&mut self) -> Option<(u16, u32)> {
+        // SAFETY: avail idx and ring entries lie in the avail ring checked in `SplitQueue::new`.
+        let (idx, head) = unsafe {
+            let idx = AtomicU16::from_ptr(self.avail.add(2).cast::<u16>()).load(Ordering::Acquire);
+            if idx == self.last_avail {
+                return None;
+            }
+            let pos = usize::from(self.last_avail & (self.layout.size - 1));
+            (
+                idx,
+                self.avail.add(4 + 2 * pos).cast::<u16>().read_volatile(),
+            )
+        };
+        let _ = idx;
+        self.last_avail = self.last_avail.wrapping_add(1);
+        let slot = usize::from(head / DESCS_PER_REQUEST);
+        assert!(slot < usize::from(self.layout.slots));
+        // SAFETY: the slot's meta line lies in the meta area checked in `SplitQueue::new`.
+        let request_type = unsafe {
+            self.meta
+                .add(META_STRIDE * slot)
+                .cast::<u32>()
+                .read_volatile()
+        };
+        Some((head, request_type))
+    }
+
+    /// Writes the status byte of the request whose chain starts at `head`.
+    pub(crate) fn set_status(&mut self, head: u16, status: u8) {
+        let slot = usize::from(head / DESCS_PER_REQUEST);
+        assert!(slot < usize::from(self.layout.slots));
+        // SAFETY: as in `pop`.
+        unsafe {
+            self.meta
+                .add(META_STRIDE * slot + STATUS_AT)
+                .write_volatile(status)
+        }
+    }
+
+    /// Writes used entries and publishes them at once, moving the idx by `advance` (normally
+    /// `entries.len()`).
+    pub(crate) fn push_used(&mut self, entries: &[(u32, u32)], advance: u16) {
+        for (i, (id, len)) in entries.iter().enumerate() {
+            let i = u16::try_from(i).unwrap();
+            let pos = usize::from(self.used_idx.wrapping_add(i) & (self.layout.size - 1));
+            // SAFETY: the entry lies in the used ring checked in `SplitQueue::new`.
+            unsafe {
+                let e = self.used.add(4 + 8 * pos);
+                e.cast::<u32>().write_volatile(*id);
+                e.add(4).cast::<u32>().write_volatile(*len);
+            }
+        }
+        self.used_idx = self.used_idx.wrapping_add(advance);
+        // SAFETY: the used idx lies in the used ring checked in `SplitQueue::new`.
+        let idx = unsafe { AtomicU16::from_ptr(self.used.add(2).cast::<u16>()) };
+        idx.store(self.used_idx, Ordering::Release);
+    }
+}
+
 /// `vring_need_event` of the virtio spec (2.7.10): whether moving an index from `old` to `new`
 /// crosses `event`.
 fn need_event(event: u16, new: u16, old: u16) -> bool {

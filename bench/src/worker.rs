@@ -74,6 +74,8 @@ pub(crate) struct Outcome {
     pub(crate) bytes: [u64; 2],
     pub(crate) lat_ns: [Histogram<u64>; 2],
     pub(crate) io_errors: u64,
+    /// Time spent spinning for completions with nothing to do (poll mode; asleep is not CPU).
+    pub(crate) idle: Duration,
     pub(crate) blocks_checked: u64,
     pub(crate) bad_count: u64,
     pub(crate) bad: Vec<BadBlock>,
@@ -247,6 +249,7 @@ pub(crate) fn run(
             bytes: [0; 2],
             lat_ns: [new_histogram(), new_histogram()],
             io_errors: 0,
+            idle: Duration::ZERO,
             blocks_checked: 0,
             bad_count: 0,
             bad: Vec::new(),
@@ -278,8 +281,7 @@ impl Worker<'_> {
                 // Every candidate block was busy; cannot happen with nothing in flight.
                 unreachable!("fill issued nothing with no request in flight");
             }
-            let used = self.wait_used(last_used)?;
-            let now = Instant::now();
+            let (used, now) = self.wait_used(last_used)?;
             let new = usize::from(used.wrapping_sub(last_used));
             if new > self.in_flight {
                 return Err(Error::DeviceProtocol(format!(
@@ -476,11 +478,11 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// Waits until the used idx differs from `last_used` and returns it.
-    fn wait_used(&mut self, last_used: u16) -> Result<u16, Error> {
+    /// Waits until the used idx differs from `last_used`; returns it and the time it was seen.
+    fn wait_used(&mut self, last_used: u16) -> Result<(u16, Instant), Error> {
         let used = self.q.queue.used_idx();
         if used != last_used {
-            return Ok(used);
+            return Ok((used, Instant::now()));
         }
         let since = Instant::now();
         match self.env.wait {
@@ -489,7 +491,9 @@ impl Worker<'_> {
                 loop {
                     let used = self.q.queue.used_idx();
                     if used != last_used {
-                        return Ok(used);
+                        let now = Instant::now();
+                        self.out.idle += now.duration_since(since);
+                        return Ok((used, now));
                     }
                     std::hint::spin_loop();
                     spins = spins.wrapping_add(1);
@@ -501,7 +505,7 @@ impl Worker<'_> {
             WaitMode::Event => loop {
                 let used = self.q.queue.request_notification(last_used);
                 if used != last_used {
-                    return Ok(used);
+                    return Ok((used, Instant::now()));
                 }
                 let mut fds = [PollFd::new(self.q.call_fd(), PollFlags::POLLIN)];
                 match poll(&mut fds, PollTimeout::from(1000u16)) {
@@ -534,6 +538,129 @@ impl Worker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtq::{DeviceSide, QueueLayout, SharedMemory, SplitQueue};
+    use std::sync::Arc;
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+    /// How the test device answers request number `n` (chain head, block length): used
+    /// entries `(id, len)` and how far to move the used idx, or `None` to answer correctly.
+    type Misbehave = fn(u64, u16, u32) -> Option<(Vec<(u32, u32)>, u16)>;
+
+    /// Runs a 4-deep random-read worker for 64 I/Os against an in-memory device thread.
+    fn run_against(misbehave: Misbehave) -> Result<Outcome, Error> {
+        let layout = QueueLayout::new(0, 4, 4096).unwrap();
+        let mem = Arc::new(SharedMemory::new(layout.end).unwrap());
+        let queue = SplitQueue::new(mem, layout, false);
+        let mut dev = DeviceSide::new(&queue);
+        let handle = QueueHandle {
+            queue,
+            kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+            call: EventFd::new(EFD_NONBLOCK).unwrap(),
+        };
+        let plan = Plan {
+            read_pct: 100,
+            random: true,
+            permute: true,
+            start: 0,
+            blocks: 256,
+            block_len: 4096,
+            iodepth: 4,
+            io_limit: Some(64),
+            runtime: None,
+            seed: 1,
+            verify_pass: false,
+            verify_fatal: false,
+            cpu: None,
+        };
+        let stop = AtomicBool::new(false);
+        let env = Env {
+            stop: &stop,
+            table: None,
+            wait: WaitMode::Poll,
+        };
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut n = 0u64;
+                while !done.load(Ordering::Relaxed) {
+                    let Some((head, _)) = dev.pop() else {
+                        std::thread::yield_now();
+                        continue;
+                    };
+                    dev.set_status(head, 0);
+                    match misbehave(n, head, 4096) {
+                        Some((entries, advance)) => dev.push_used(&entries, advance),
+                        None => dev.push_used(&[(u32::from(head), 4097)], 1),
+                    }
+                    n += 1;
+                }
+            });
+            let r = run(
+                handle,
+                &plan,
+                &env,
+                &Progress::default(),
+                &std::sync::Barrier::new(1),
+            );
+            done.store(true, Ordering::Relaxed);
+            r
+        })
+    }
+
+    fn protocol_error(r: Result<Outcome, Error>) -> String {
+        match r {
+            Err(Error::DeviceProtocol(m)) => m,
+            Err(e) => panic!("expected a protocol error, got {e}"),
+            Ok(_) => panic!("expected a protocol error, got success"),
+        }
+    }
+
+    #[test]
+    fn well_behaved_device_completes_every_request() {
+        let o = run_against(|_, _, _| None).unwrap();
+        assert_eq!((o.ios, o.bytes), ([64, 0], [64 * 4096, 0]));
+        assert_eq!(o.io_errors, 0);
+    }
+
+    #[test]
+    fn used_id_that_is_not_a_chain_head_is_rejected() {
+        let m = protocol_error(run_against(|n, head, _| {
+            (n == 10).then(|| (vec![(u32::from(head) + 1, 1)], 1))
+        }));
+        assert!(m.contains("not a request in flight"), "{m}");
+    }
+
+    #[test]
+    fn used_id_out_of_range_is_rejected() {
+        protocol_error(run_against(|n, _, _| {
+            (n == 3).then(|| (vec![(u32::MAX, 1)], 1))
+        }));
+    }
+
+    #[test]
+    fn completing_a_request_twice_is_rejected() {
+        // Both entries are published together, so the slot cannot be reused in between.
+        let m = protocol_error(run_against(|n, head, _| {
+            (n == 5).then(|| (vec![(u32::from(head), 1), (u32::from(head), 1)], 2))
+        }));
+        assert!(m.contains("in flight"), "{m}");
+    }
+
+    #[test]
+    fn used_len_beyond_the_buffers_is_rejected() {
+        let m = protocol_error(run_against(|n, head, bs| {
+            (n == 7).then(|| (vec![(u32::from(head), bs + 2)], 1))
+        }));
+        assert!(m.contains("exceeds"), "{m}");
+    }
+
+    #[test]
+    fn used_idx_jumping_past_the_requests_in_flight_is_rejected() {
+        let m = protocol_error(run_against(|n, head, _| {
+            (n == 2).then(|| (vec![(u32::from(head), 1)], 100))
+        }));
+        assert!(m.contains("in flight"), "{m}");
+    }
 
     #[test]
     fn permutation_yields_every_block_once_per_pass() {
