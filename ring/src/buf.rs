@@ -18,7 +18,7 @@ use std::ptr;
 /// process (guest memory): readers must not assume it is stable, only that it is mapped.
 /// If [`IoBuffers::fixed_index`] returns `Some(i)`, there is exactly one iovec and it lies entirely
 /// inside the buffer registered at index `i` of every ring the buffers are submitted to.
-pub unsafe trait IoBuffers: Send + 'static {
+pub unsafe trait IoBuffers: std::any::Any + Send {
     /// The segments, in order.
     fn iovecs(&self) -> &[libc::iovec];
 
@@ -105,7 +105,10 @@ impl OwnedBuf {
 
     /// Takes ownership of `data`.
     pub fn from_vec(mut data: Vec<u8>) -> OwnedBuf {
-        let iov = [libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() }];
+        let iov = [libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        }];
         OwnedBuf { data, iov }
     }
 
@@ -152,7 +155,10 @@ impl Window {
             }
             // left < iov_len, so the result stays inside the segment.
             let base = (v.iov_base as *mut u8).wrapping_add(left);
-            iov.push(libc::iovec { iov_base: base.cast(), iov_len: v.iov_len - left });
+            iov.push(libc::iovec {
+                iov_base: base.cast(),
+                iov_len: v.iov_len - left,
+            });
             left = 0;
         }
         assert_eq!(left, 0, "window skips past the end of its buffers");
@@ -162,6 +168,15 @@ impl Window {
     /// The buffers the window was cut from.
     pub fn into_inner(self) -> Box<dyn IoBuffers> {
         self.inner
+    }
+
+    /// Unwraps `bufs` if it is a window, giving back the buffers it was cut from.
+    pub fn unwrap(bufs: Box<dyn IoBuffers>) -> Box<dyn IoBuffers> {
+        let any: Box<dyn std::any::Any> = bufs;
+        match any.downcast::<Window>() {
+            Ok(window) => window.inner,
+            Err(_) => panic!("Window::unwrap of buffers that are not a window"),
+        }
     }
 }
 

@@ -33,6 +33,24 @@ pub type Done = Box<dyn FnOnce(Op, io::Result<u32>)>;
 
 type Handler = Rc<RefCell<dyn FnMut()>>;
 
+/// An op the ring could not queue, handed back whole.
+pub struct Rejected {
+    /// Why it could not be queued.
+    pub error: io::Error,
+    /// The op, with its buffers.
+    pub op: Op,
+    /// Its completion, not yet called.
+    pub done: Done,
+}
+
+impl Rejected {
+    /// Completes the op with its error at the next loop turn.
+    pub fn fail_later(self) {
+        let Rejected { error, op, done } = self;
+        Context::current().defer(move || done(op, Err(error)));
+    }
+}
+
 /// Identifies an external source registered with [`Context::add_source`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SourceId(usize);
@@ -106,7 +124,10 @@ impl Context {
     ///
     /// Panics if the thread already has one: a thread runs exactly one context.
     pub fn new(entries: u32) -> io::Result<Context> {
-        assert!(Context::try_current().is_none(), "this thread already has a ring context");
+        assert!(
+            Context::try_current().is_none(),
+            "this thread already has a ring context"
+        );
         let ring = IoUring::builder()
             .setup_coop_taskrun()
             .setup_taskrun_flag()
@@ -153,7 +174,9 @@ impl Context {
 
     /// A `Send` handle for posting work to this context from other threads.
     pub fn remote(&self) -> Remote {
-        Remote { shared: self.0.shared.clone() }
+        Remote {
+            shared: self.0.shared.clone(),
+        }
     }
 
     /// Sets how long the loop busy-polls after its last activity before sleeping (0 disables).
@@ -168,13 +191,17 @@ impl Context {
 
     /// Queues `op`; `done` runs on this context with the op and its result when it completes.
     /// SQEs are handed to the kernel in one batch at the end of the loop turn. If the op cannot
-    /// be queued, it is handed back with the error.
+    /// be queued, it is handed back with its completion and the error, so nothing is lost.
     pub fn submit(
         &self,
         op: Op,
         done: impl FnOnce(Op, io::Result<u32>) + 'static,
-    ) -> Result<(), (io::Error, Op)> {
-        self.push(op, Owner::User(Box::new(done))).map(|_| ())
+    ) -> Result<(), Rejected> {
+        match self.push(op, Owner::User(Box::new(done))) {
+            Ok(_) => Ok(()),
+            Err((error, op, Owner::User(done))) => Err(Rejected { error, op, done }),
+            Err(_) => unreachable!("push hands back the owner it was given"),
+        }
     }
 
     /// Number of ops (user I/O and internal polls) the kernel holds.
@@ -204,7 +231,13 @@ impl Context {
     /// Registers `fd` (an eventfd) as an external source in `group`. When it becomes readable and
     /// the group is not muted, the context consumes the eventfd count and calls `handler`.
     pub fn add_source(&self, group: Group, fd: RawFd, handler: impl FnMut() + 'static) -> SourceId {
-        let source = Source { group, fd, handler: Rc::new(RefCell::new(handler)), armed: None, removed: false };
+        let source = Source {
+            group,
+            fd,
+            handler: Rc::new(RefCell::new(handler)),
+            armed: None,
+            removed: false,
+        };
         let mut sources = self.0.sources.borrow_mut();
         let index = match sources.iter().position(Option::is_none) {
             Some(i) => {
@@ -227,7 +260,9 @@ impl Context {
     pub fn remove_source(&self, id: SourceId) {
         let armed = {
             let mut sources = self.0.sources.borrow_mut();
-            let Some(source) = sources[id.0].as_mut() else { return };
+            let Some(source) = sources[id.0].as_mut() else {
+                return;
+            };
             source.removed = true;
             match source.armed {
                 Some(user_data) => Some(user_data),
@@ -252,7 +287,9 @@ impl Context {
     /// at the next loop turn, whether or not its fd fired (the self-kick).
     pub fn unmute(&self, group: Group) {
         let mut mutes = self.0.mutes.borrow_mut();
-        let count = mutes.get_mut(&group).expect("unmute of a group that is not muted");
+        let count = mutes
+            .get_mut(&group)
+            .expect("unmute of a group that is not muted");
         *count -= 1;
         if *count == 0 {
             mutes.remove(&group);
@@ -271,7 +308,10 @@ impl Context {
     /// it returns whether it found work. Skipped while its group is muted.
     pub fn add_poller(&self, group: Group, poll: impl FnMut() -> bool + 'static) -> PollerId {
         let mut pollers = self.0.pollers.borrow_mut();
-        pollers.push(Some(Poller { group, poll: Rc::new(RefCell::new(poll)) }));
+        pollers.push(Some(Poller {
+            group,
+            poll: Rc::new(RefCell::new(poll)),
+        }));
         PollerId(pollers.len() - 1)
     }
 
@@ -302,7 +342,9 @@ impl Context {
     fn dispatch_source(&self, index: usize) {
         let (fd, handler) = {
             let sources = self.0.sources.borrow();
-            let Some(s) = sources[index].as_ref().filter(|s| !s.removed) else { return };
+            let Some(s) = sources[index].as_ref().filter(|s| !s.removed) else {
+                return;
+            };
             (s.fd, s.handler.clone())
         };
         eventfd_drain(fd);
@@ -318,9 +360,11 @@ impl Context {
                 _ => return,
             }
         };
-        let user_data = self.push(Op::PollIn { fd }, Owner::Source(index)).unwrap_or_else(|(e, _)| {
-            panic!("cannot arm an external source poll: {e}");
-        });
+        let user_data = self
+            .push(Op::PollIn { fd }, Owner::Source(index))
+            .unwrap_or_else(|(e, _, _)| {
+                panic!("cannot arm an external source poll: {e}");
+            });
         if let Some(s) = self.0.sources.borrow_mut()[index].as_mut() {
             s.armed = Some(user_data);
         }
@@ -329,7 +373,9 @@ impl Context {
     fn source_polled(&self, index: usize, result: i32) {
         let group = {
             let mut sources = self.0.sources.borrow_mut();
-            let Some(s) = sources[index].as_mut() else { return };
+            let Some(s) = sources[index].as_mut() else {
+                return;
+            };
             s.armed = None;
             if s.removed {
                 sources[index] = None;
@@ -353,12 +399,15 @@ impl Context {
 
     // ---- ops --------------------------------------------------------------------------------
 
-    fn push(&self, op: Op, owner: Owner) -> Result<u64, (io::Error, Op)> {
+    fn push(&self, op: Op, owner: Owner) -> Result<u64, (io::Error, Op, Owner)> {
         let index = match self.0.free_slots.borrow_mut().pop() {
             Some(i) => i,
             None => {
                 let mut slots = self.0.slots.borrow_mut();
-                slots.push(Slot { generation: 0, inflight: None });
+                slots.push(Slot {
+                    generation: 0,
+                    inflight: None,
+                });
                 u32::try_from(slots.len() - 1).expect("fewer than 2^32 ops in flight")
             }
         };
@@ -374,13 +423,13 @@ impl Context {
             // The submission queue is full: hand the batch to the kernel and try once more.
             if let Err(e) = self.flush() {
                 self.0.free_slots.borrow_mut().push(index);
-                return Err((e, op));
+                return Err((e, op, owner));
             }
             pushed = self.push_sqe(&entry);
         }
         if !pushed {
             self.0.free_slots.borrow_mut().push(index);
-            return Err((io::Error::from_raw_os_error(libc::EBUSY), op));
+            return Err((io::Error::from_raw_os_error(libc::EBUSY), op, owner));
         }
         self.0.slots.borrow_mut()[index as usize].inflight = Some((op, owner));
         self.0.ops_in_flight.set(self.0.ops_in_flight.get() + 1);
@@ -440,18 +489,29 @@ impl Context {
     }
 
     fn complete(&self, user_data: u64, result: i32) {
-        let index = (user_data & 0xffff_ffff) as usize;
+        let index32 = u32::try_from(user_data & 0xffff_ffff).expect("masked to 32 bits");
+        let index = index32 as usize;
         let (op, owner) = {
             let mut slots = self.0.slots.borrow_mut();
             let slot = &mut slots[index];
-            assert_eq!(u64::from(slot.generation), user_data >> 32, "completion for a stale op slot");
-            slot.inflight.take().expect("completion for an op that is not in flight")
+            assert_eq!(
+                u64::from(slot.generation),
+                user_data >> 32,
+                "completion for a stale op slot"
+            );
+            slot.inflight
+                .take()
+                .expect("completion for an op that is not in flight")
         };
-        self.0.free_slots.borrow_mut().push(index as u32);
+        self.0.free_slots.borrow_mut().push(index32);
         self.0.ops_in_flight.set(self.0.ops_in_flight.get() - 1);
         match owner {
             Owner::User(done) => {
-                let result = if result < 0 { Err(io::Error::from_raw_os_error(-result)) } else { Ok(result as u32) };
+                let result = if result < 0 {
+                    Err(io::Error::from_raw_os_error(-result))
+                } else {
+                    Ok(result as u32)
+                };
                 done(op, result);
             }
             Owner::Source(source) => self.source_polled(source, result),
@@ -589,7 +649,11 @@ impl Context {
             };
             match result {
                 Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                    ) => {}
                 Err(e) => panic!("io_uring_enter failed: {e}"),
             }
         }
@@ -629,7 +693,9 @@ impl Context {
                 .borrow()
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| matches!(s.inflight, Some((_, ref o)) if !matches!(o, Owner::Cancel)))
+                .filter(
+                    |(_, s)| matches!(s.inflight, Some((_, ref o)) if !matches!(o, Owner::Cancel)),
+                )
                 .map(|(i, s)| (u64::from(s.generation) << 32) | i as u64)
                 .collect();
             for target in targets {

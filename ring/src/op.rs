@@ -25,20 +25,42 @@ pub enum Op {
     /// Does nothing; completes with 0. Used to measure the ring itself.
     Nop,
     /// Reads into `buf` from `fd` at `offset` (READ_FIXED when `buf` is in a registered buffer).
-    Read { fd: RawFd, offset: u64, buf: Box<dyn IoBuffers> },
+    Read {
+        fd: RawFd,
+        offset: u64,
+        buf: Box<dyn IoBuffers>,
+    },
     /// Writes `buf` to `fd` at `offset` (WRITE_FIXED when `buf` is in a registered buffer).
-    Write { fd: RawFd, offset: u64, buf: Box<dyn IoBuffers> },
+    Write {
+        fd: RawFd,
+        offset: u64,
+        buf: Box<dyn IoBuffers>,
+    },
     /// fsync, or fdatasync when `datasync`.
     Fsync { fd: RawFd, datasync: bool },
     /// fallocate with the given mode over `[offset, offset + len)`.
-    Fallocate { fd: RawFd, mode: Fallocate, offset: u64, len: u64 },
+    Fallocate {
+        fd: RawFd,
+        mode: Fallocate,
+        offset: u64,
+        len: u64,
+    },
     /// Single-shot POLLIN on an fd (external sources and the wake-up eventfd).
     PollIn { fd: RawFd },
     /// Cancels the in-flight op whose user data is `target`.
     Cancel { target: u64 },
+    /// Completes after `after` has elapsed (with ETIME, which is its success).
+    Timeout { after: Box<types::Timespec> },
 }
 
 impl Op {
+    /// A timeout op firing after `after`.
+    pub fn timeout(after: std::time::Duration) -> Op {
+        Op::Timeout {
+            after: Box::new(types::Timespec::from(after)),
+        }
+    }
+
     /// Gives back the buffers of a read or write.
     pub fn into_buf(self) -> Option<Box<dyn IoBuffers>> {
         match self {
@@ -82,16 +104,27 @@ impl Op {
                 }
             },
             Op::Fsync { fd, datasync } => {
-                let flags =
-                    if *datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+                let flags = if *datasync {
+                    types::FsyncFlags::DATASYNC
+                } else {
+                    types::FsyncFlags::empty()
+                };
                 opcode::Fsync::new(types::Fd(*fd)).flags(flags).build()
             }
-            Op::Fallocate { fd, mode, offset, len } => {
+            Op::Fallocate {
+                fd,
+                mode,
+                offset,
+                len,
+            } => {
                 let mode = match mode {
                     Fallocate::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                     Fallocate::ZeroRange => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
                 };
-                opcode::Fallocate::new(types::Fd(*fd), *len).offset(*offset).mode(mode).build()
+                opcode::Fallocate::new(types::Fd(*fd), *len)
+                    .offset(*offset)
+                    .mode(mode)
+                    .build()
             }
             Op::PollIn { fd } => {
                 // Single-shot, so level-triggered: it completes at once if the fd is readable
@@ -99,6 +132,8 @@ impl Op {
                 opcode::PollAdd::new(types::Fd(*fd), libc::POLLIN as u32).build()
             }
             Op::Cancel { target } => opcode::AsyncCancel::new(*target).build(),
+            // The timespec is boxed inside the op, so it stays put until the completion.
+            Op::Timeout { after } => opcode::Timeout::new(&raw const **after).build(),
         };
         entry.user_data(user_data)
     }

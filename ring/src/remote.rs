@@ -60,7 +60,13 @@ impl Shared {
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let wake_fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let shared = Shared { id, tx, wake_fd, sleep: Sleep::default(), stop: AtomicBool::new(false) };
+        let shared = Shared {
+            id,
+            tx,
+            wake_fd,
+            sleep: Sleep::default(),
+            stop: AtomicBool::new(false),
+        };
         Ok((Arc::new(shared), rx))
     }
 

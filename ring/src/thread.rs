@@ -16,21 +16,28 @@ impl IoThread {
     /// Starts a thread named `name` with a fresh context that busy-polls up to `poll_max`.
     pub fn spawn(name: &str, poll_max: Duration) -> io::Result<IoThread> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
-            let ctx = match Context::new(256) {
-                Ok(ctx) => ctx,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            ctx.set_poll_max(poll_max);
-            let _ = tx.send(Ok(ctx.remote()));
-            ctx.run();
-            ctx.shutdown();
-        })?;
-        let remote = rx.recv().map_err(|_| io::Error::other("iothread died while starting"))??;
-        Ok(IoThread { remote, thread: Some(thread) })
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let ctx = match Context::new(256) {
+                    Ok(ctx) => ctx,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                ctx.set_poll_max(poll_max);
+                let _ = tx.send(Ok(ctx.remote()));
+                ctx.run();
+                ctx.shutdown();
+            })?;
+        let remote = rx
+            .recv()
+            .map_err(|_| io::Error::other("iothread died while starting"))??;
+        Ok(IoThread {
+            remote,
+            thread: Some(thread),
+        })
     }
 
     /// The handle for posting work to the thread.

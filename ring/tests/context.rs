@@ -67,7 +67,8 @@ fn kick_while_muted_is_not_dispatched() {
         assert_eq!(hits.get(), 0, "a muted source must not be dispatched");
         let mut count = [0u8; 8];
         let mut f = std::fs::File::from(efd.try_clone().unwrap());
-        f.read_exact(&mut count).expect("the kick must stay in the eventfd while muted");
+        f.read_exact(&mut count)
+            .expect("the kick must stay in the eventfd while muted");
         assert_eq!(u64::from_ne_bytes(count), 1);
         ctx.unmute(group);
     });
@@ -154,7 +155,11 @@ fn removed_source_is_never_dispatched_again() {
         eventfd_write(efd.as_raw_fd());
         turns(ctx, 3);
         assert_eq!(hits.get(), 0);
-        assert_eq!(ctx.ops_in_flight(), baseline, "its poll was cancelled and reaped");
+        assert_eq!(
+            ctx.ops_in_flight(),
+            baseline,
+            "its poll was cancelled and reaped"
+        );
     });
 }
 
@@ -171,10 +176,20 @@ fn cross_thread_mute_is_acknowledged_before_it_returns() {
     thread.remote().mute(group);
     // The mute is in force now: a kick must not be dispatched however long we wait.
     eventfd_write(fd);
-    assert!(hits_rx.recv_timeout(Duration::from_millis(100)).is_err(), "kick dispatched while muted");
-    assert_eq!(thread.remote().call(move || Context::current().is_muted(group)), Some(true));
+    assert!(
+        hits_rx.recv_timeout(Duration::from_millis(100)).is_err(),
+        "kick dispatched while muted"
+    );
+    assert_eq!(
+        thread
+            .remote()
+            .call(move || Context::current().is_muted(group)),
+        Some(true)
+    );
     thread.remote().unmute(group);
-    hits_rx.recv_timeout(Duration::from_secs(5)).expect("kick dispatched after the unmute");
+    hits_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("kick dispatched after the unmute");
     drop(thread);
     drop(efd);
 }
@@ -216,7 +231,9 @@ fn remote_defers_run_in_posting_order() {
         let tx = tx.clone();
         thread.remote().defer(move || tx.send(i).unwrap());
     }
-    let got: Vec<i32> = (0..1000).map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap()).collect();
+    let got: Vec<i32> = (0..1000)
+        .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
+        .collect();
     assert_eq!(got, (0..1000).collect::<Vec<_>>());
 }
 
@@ -228,7 +245,8 @@ fn remote_defer_wakes_a_sleeping_context() {
         std::thread::sleep(Duration::from_micros(200));
         let (tx, rx) = crossbeam_channel::bounded(1);
         thread.remote().defer(move || tx.send(()).unwrap());
-        rx.recv_timeout(Duration::from_secs(5)).expect("lost wake-up");
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("lost wake-up");
     }
 }
 
@@ -241,7 +259,9 @@ fn image(len: usize) -> tempfile::NamedTempFile {
 fn run_op(ctx: &Context, op: Op) -> (Op, std::io::Result<u32>) {
     let out = Rc::new(RefCell::new(None));
     let o = out.clone();
-    ctx.submit(op, move |op, res| *o.borrow_mut() = Some((op, res))).map_err(|(e, _)| e).unwrap();
+    ctx.submit(op, move |op, res| *o.borrow_mut() = Some((op, res)))
+        .map_err(|r| r.error)
+        .unwrap();
     ctx.run_until(|| out.borrow().is_some());
     out.take().unwrap()
 }
@@ -252,9 +272,23 @@ fn write_then_read_round_trips_through_a_file() {
         let f = image(8192);
         let fd = f.as_file().as_raw_fd();
         let data = OwnedBuf::from_vec(b"ringblk!".repeat(512));
-        let (_, res) = run_op(ctx, Op::Write { fd, offset: 4096, buf: Box::new(data) });
+        let (_, res) = run_op(
+            ctx,
+            Op::Write {
+                fd,
+                offset: 4096,
+                buf: Box::new(data),
+            },
+        );
         assert_eq!(res.unwrap(), 4096);
-        let (op, res) = run_op(ctx, Op::Read { fd, offset: 4096, buf: Box::new(OwnedBuf::zeroed(8)) });
+        let (op, res) = run_op(
+            ctx,
+            Op::Read {
+                fd,
+                offset: 4096,
+                buf: Box::new(OwnedBuf::zeroed(8)),
+            },
+        );
         assert_eq!(res.unwrap(), 8);
         let mut got = [0u8; 8];
         buf::copy_out(op.into_buf().unwrap().as_ref(), &mut got);
@@ -267,7 +301,14 @@ fn read_past_end_of_file_is_short() {
     on_context(|ctx| {
         let f = image(4096);
         let fd = f.as_file().as_raw_fd();
-        let (_, res) = run_op(ctx, Op::Read { fd, offset: 2048, buf: Box::new(OwnedBuf::zeroed(4096)) });
+        let (_, res) = run_op(
+            ctx,
+            Op::Read {
+                fd,
+                offset: 2048,
+                buf: Box::new(OwnedBuf::zeroed(4096)),
+            },
+        );
         assert_eq!(res.unwrap(), 2048, "a short read is reported, not hidden");
     });
 }
@@ -278,23 +319,61 @@ fn fsync_and_fallocate_complete() {
         let f = image(1 << 20);
         let fd = f.as_file().as_raw_fd();
         assert!(run_op(ctx, Op::Fsync { fd, datasync: true }).1.is_ok());
-        assert!(run_op(ctx, Op::Fsync { fd, datasync: false }).1.is_ok());
-        let zero = Op::Fallocate { fd, mode: Fallocate::ZeroRange, offset: 0, len: 4096 };
+        assert!(
+            run_op(
+                ctx,
+                Op::Fsync {
+                    fd,
+                    datasync: false
+                }
+            )
+            .1
+            .is_ok()
+        );
+        let zero = Op::Fallocate {
+            fd,
+            mode: Fallocate::ZeroRange,
+            offset: 0,
+            len: 4096,
+        };
         assert!(run_op(ctx, zero).1.is_ok());
-        let punch = Op::Fallocate { fd, mode: Fallocate::PunchHole, offset: 65536, len: 4096 };
+        let punch = Op::Fallocate {
+            fd,
+            mode: Fallocate::PunchHole,
+            offset: 65536,
+            len: 4096,
+        };
         assert!(run_op(ctx, punch).1.is_ok());
         let mut contents = Vec::new();
-        std::fs::File::open(f.path()).unwrap().read_to_end(&mut contents).unwrap();
-        assert!(contents[..4096].iter().all(|&b| b == 0), "zero range reads as zeroes");
-        assert!(contents[65536..69632].iter().all(|&b| b == 0), "punched hole reads as zeroes");
-        assert!(contents[4096..65536].iter().all(|&b| b == 0xAA), "the rest is untouched");
+        std::fs::File::open(f.path())
+            .unwrap()
+            .read_to_end(&mut contents)
+            .unwrap();
+        assert!(
+            contents[..4096].iter().all(|&b| b == 0),
+            "zero range reads as zeroes"
+        );
+        assert!(
+            contents[65536..69632].iter().all(|&b| b == 0),
+            "punched hole reads as zeroes"
+        );
+        assert!(
+            contents[4096..65536].iter().all(|&b| b == 0xAA),
+            "the rest is untouched"
+        );
     });
 }
 
 #[test]
 fn error_from_the_kernel_reaches_the_completion() {
     on_context(|ctx| {
-        let (_, res) = run_op(ctx, Op::Fsync { fd: -1, datasync: false });
+        let (_, res) = run_op(
+            ctx,
+            Op::Fsync {
+                fd: -1,
+                datasync: false,
+            },
+        );
         assert_eq!(res.unwrap_err().raw_os_error(), Some(libc::EBADF));
     });
 }
@@ -321,18 +400,52 @@ fn fixed_buffer_write_then_read_round_trips() {
     on_context(|ctx| {
         let region: &'static mut [u8] = Box::leak(vec![0u8; 1 << 16].into_boxed_slice());
         let base = region.as_mut_ptr();
-        ctx.register_buffers(&[libc::iovec { iov_base: base.cast(), iov_len: region.len() }]).unwrap();
+        ctx.register_buffers(&[libc::iovec {
+            iov_base: base.cast(),
+            iov_len: region.len(),
+        }])
+        .unwrap();
         region[..4].copy_from_slice(b"fixd");
         let f = image(8192);
         let fd = f.as_file().as_raw_fd();
         let at = |off: usize, len: usize| Fixed {
-            iov: [libc::iovec { iov_base: base.wrapping_add(off).cast(), iov_len: len }],
+            iov: [libc::iovec {
+                iov_base: base.wrapping_add(off).cast(),
+                iov_len: len,
+            }],
             _region: Rc::new(()),
         };
-        assert_eq!(run_op(ctx, Op::Write { fd, offset: 0, buf: Box::new(at(0, 512)) }).1.unwrap(), 512);
-        assert_eq!(run_op(ctx, Op::Read { fd, offset: 0, buf: Box::new(at(4096, 512)) }).1.unwrap(), 512);
+        assert_eq!(
+            run_op(
+                ctx,
+                Op::Write {
+                    fd,
+                    offset: 0,
+                    buf: Box::new(at(0, 512))
+                }
+            )
+            .1
+            .unwrap(),
+            512
+        );
+        assert_eq!(
+            run_op(
+                ctx,
+                Op::Read {
+                    fd,
+                    offset: 0,
+                    buf: Box::new(at(4096, 512))
+                }
+            )
+            .1
+            .unwrap(),
+            512
+        );
         let mut check = [0u8; 4];
-        std::fs::File::open(f.path()).unwrap().read_exact(&mut check).unwrap();
+        std::fs::File::open(f.path())
+            .unwrap()
+            .read_exact(&mut check)
+            .unwrap();
         assert_eq!(&check, b"fixd");
         ctx.unregister_buffers();
     });
@@ -349,21 +462,35 @@ fn teardown_with_ops_in_flight_cancels_and_waits() {
         // A read from an empty pipe never completes on its own.
         for _ in 0..4 {
             let tx = completed_tx.clone();
-            let op = Op::Read { fd: fds[0], offset: u64::MAX, buf: Box::new(OwnedBuf::zeroed(4096)) };
-            ctx.submit(op, move |op, res| tx.send((op.into_buf().is_some(), res.map_err(|e| e.raw_os_error()))).unwrap())
-                .map_err(|(e, _)| e)
-                .unwrap();
+            let op = Op::Read {
+                fd: fds[0],
+                offset: u64::MAX,
+                buf: Box::new(OwnedBuf::zeroed(4096)),
+            };
+            ctx.submit(op, move |op, res| {
+                tx.send((op.into_buf().is_some(), res.map_err(|e| e.raw_os_error())))
+                    .unwrap()
+            })
+            .map_err(|r| r.error)
+            .unwrap();
         }
         ctx.turn(Wait::No);
         assert_eq!(ctx.ops_in_flight(), 4);
         ctx.shutdown();
         // SAFETY: closing fds this thread opened.
-        unsafe { libc::close(fds[0]); libc::close(fds[1]) };
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1])
+        };
     })
     .join()
     .unwrap();
     let results: Vec<_> = completed_rx.try_iter().collect();
-    assert_eq!(results.len(), 4, "every in-flight op completed before teardown returned");
+    assert_eq!(
+        results.len(),
+        4,
+        "every in-flight op completed before teardown returned"
+    );
     for (had_buf, res) in results {
         assert!(had_buf, "the buffer came back with the completion");
         assert_eq!(res, Err(Some(libc::ECANCELED)));

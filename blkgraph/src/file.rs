@@ -1,0 +1,254 @@
+//! `file`: a raw image (regular file or block device) through io_uring.
+//!
+//! Short reads and writes are resubmitted for the rest, at the offset advanced by what was
+//! done, until the request is complete; a read that hits end-of-file fills the rest with zeroes
+//! (as QEMU does), a write that makes no progress fails with EIO.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::PathBuf;
+
+use ringblk_ring::buf::{self, IoBuffers, Window};
+use ringblk_ring::{Context, Fallocate, Op};
+
+use crate::error::{BlockError, BlockResult};
+use crate::node::{Driver, Limits};
+use crate::request::{Done, Request};
+
+/// Options of a file node, as QSD names them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileOptions {
+    /// The image.
+    pub filename: PathBuf,
+    /// `read-only=on`: open O_RDONLY and refuse writes.
+    pub read_only: bool,
+    /// `cache.direct=on`: open O_DIRECT; requests must then be aligned to the logical block size.
+    pub direct: bool,
+}
+
+/// The file driver.
+pub struct FileNode {
+    file: File,
+    size: u64,
+    read_only: bool,
+    alignment: u32,
+}
+
+impl FileNode {
+    /// Opens the image. The error reads like QSD's: `Could not open 'F': <reason>`.
+    pub fn open(options: &FileOptions) -> io::Result<FileNode> {
+        let mut open = OpenOptions::new();
+        open.read(true).write(!options.read_only);
+        if options.direct {
+            open.custom_flags(libc::O_DIRECT);
+        }
+        let path = options.filename.display();
+        let context = |e: io::Error| {
+            io::Error::new(
+                e.kind(),
+                format!("Could not open '{path}': {}", strip_os(&e)),
+            )
+        };
+        let file = open.open(&options.filename).map_err(context)?;
+        let metadata = file.metadata().map_err(context)?;
+        let kind = metadata.file_type();
+        if !(kind.is_file() || kind.is_block_device()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("'{path}' is not a file"),
+            ));
+        }
+        let size = end_offset(&file).map_err(context)?;
+        let alignment = if options.direct {
+            probe_direct_alignment(&file)
+        } else {
+            1
+        };
+        Ok(FileNode {
+            file,
+            size,
+            read_only: options.read_only,
+            alignment,
+        })
+    }
+}
+
+/// "No such file or directory" rather than "No such file or directory (os error 2)".
+fn strip_os(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    }
+}
+
+/// The size: the end offset, which works for regular files and block devices alike.
+fn end_offset(file: &File) -> io::Result<u64> {
+    use std::io::Seek;
+    let mut f = file;
+    f.seek(io::SeekFrom::End(0))
+}
+
+/// The smallest of 512 and 4096 that an O_DIRECT read at offset 0 accepts.
+fn probe_direct_alignment(file: &File) -> u32 {
+    use std::os::unix::fs::FileExt;
+    let mut block = AlignedBlock([0; 4096]);
+    for alignment in [512u32, 4096] {
+        match file.read_at(&mut block.0[..alignment as usize], 0) {
+            Ok(_) => return alignment,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
+            Err(_) => return alignment,
+        }
+    }
+    4096
+}
+
+#[repr(align(4096))]
+struct AlignedBlock([u8; 4096]);
+
+impl Driver for FileNode {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            request_alignment: self.alignment,
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn submit(&self, req: Request, done: Done) {
+        let fd = self.file.as_raw_fd();
+        match req {
+            Request::Read { offset, buf } => transfer(fd, Direction::Read, offset, buf, 0, done),
+            Request::Write { offset, buf } => transfer(fd, Direction::Write, offset, buf, 0, done),
+            Request::Flush => submit_op(Op::Fsync { fd, datasync: true }, Request::Flush, done),
+            Request::Discard { offset, len } => {
+                let op = Op::Fallocate {
+                    fd,
+                    mode: Fallocate::PunchHole,
+                    offset,
+                    len,
+                };
+                submit_op(
+                    op,
+                    Request::Discard { offset, len },
+                    Box::new(move |result, req| {
+                        // Discard is a hint: storage that cannot deallocate may ignore it.
+                        done(result.or_else(ignore_unsupported), req)
+                    }),
+                );
+            }
+            Request::WriteZeroes { offset, len, unmap } => {
+                let mode = if unmap {
+                    Fallocate::PunchHole
+                } else {
+                    Fallocate::ZeroRange
+                };
+                let op = Op::Fallocate {
+                    fd,
+                    mode,
+                    offset,
+                    len,
+                };
+                submit_op(op, Request::WriteZeroes { offset, len, unmap }, done);
+            }
+        }
+    }
+}
+
+fn ignore_unsupported(e: BlockError) -> BlockResult {
+    match e {
+        BlockError::Io(ref io) if io.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+        e => Err(e),
+    }
+}
+
+/// Submits an op whose completion carries no data; `req` comes back through `done`.
+fn submit_op(op: Op, req: Request, done: Done) {
+    let submitted = Context::current().submit(op, move |_, result| {
+        done(result.map(drop).map_err(BlockError::from), req)
+    });
+    if let Err(rejected) = submitted {
+        rejected.fail_later();
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
+/// Reads or writes `buf` at `offset`, of which the first `done_bytes` are already done.
+fn transfer(
+    fd: RawFd,
+    dir: Direction,
+    offset: u64,
+    buf: Box<dyn IoBuffers>,
+    done_bytes: usize,
+    done: Done,
+) {
+    let total = buf::total_len(buf.as_ref());
+    let windowed = done_bytes > 0;
+    let part: Box<dyn IoBuffers> = if windowed {
+        Box::new(Window::new(buf, done_bytes))
+    } else {
+        buf
+    };
+    let at = offset + done_bytes as u64;
+    let op = match dir {
+        Direction::Read => Op::Read {
+            fd,
+            offset: at,
+            buf: part,
+        },
+        Direction::Write => Op::Write {
+            fd,
+            offset: at,
+            buf: part,
+        },
+    };
+    let submitted = Context::current().submit(op, move |op, result| {
+        let part = op.into_buf().expect("read and write ops carry buffers");
+        let buf = if windowed { Window::unwrap(part) } else { part };
+        let req = |buf| match dir {
+            Direction::Read => Request::Read { offset, buf },
+            Direction::Write => Request::Write { offset, buf },
+        };
+        let n = match result {
+            Ok(n) => n as usize,
+            Err(e) => return done(Err(e.into()), req(buf)),
+        };
+        let progress = done_bytes + n;
+        if progress >= total {
+            return done(Ok(()), req(buf));
+        }
+        match (dir, n) {
+            (Direction::Read, 0) => {
+                // End of file inside the node (the file shrank): the rest reads as zeroes.
+                let rest = Window::new(buf, progress);
+                buf::fill_zero(&rest);
+                done(Ok(()), req(rest.into_inner()))
+            }
+            (Direction::Write, 0) => done(
+                Err(io::Error::from_raw_os_error(libc::EIO).into()),
+                req(buf),
+            ),
+            _ => transfer(fd, dir, offset, buf, progress, done),
+        }
+    });
+    if let Err(rejected) = submitted {
+        rejected.fail_later();
+    }
+}

@@ -1,0 +1,314 @@
+//! Nodes: a driver plus the state every node shares (in-flight and quiesce counters, edges).
+//!
+//! A request enters a node through [`Node::submit`], on whatever context the caller runs on; the
+//! driver performs it on that same context and completes it there. The entry is the gate of a
+//! drained section: it counts the request in flight *first* and checks the quiesce counter
+//! *second*, while `drained_begin` raises the quiesce counter first and waits for zero second
+//! (both sequentially consistent), so a drain can never miss a request that got past the gate.
+//! A request stopped at the gate is parked on its own context and resubmitted there when the
+//! last drained section of the node ends: delayed, never failed, never lost.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use ringblk_ring::{Context, InFlight, Remote};
+
+use crate::error::{BlockError, BlockResult};
+use crate::handle::HandleInner;
+use crate::request::{Done, Request};
+
+/// Limits a node imposes on requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Offsets and lengths must be multiples of this (1 = no constraint).
+    pub request_alignment: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            request_alignment: 1,
+        }
+    }
+}
+
+/// What a block driver implements. `submit` is called on the submitter's context after the
+/// generic checks (range, alignment, read-only) passed; the driver must complete the request on
+/// that context, and never inline: at a later loop turn, through an op or a deferred callback.
+pub trait Driver: Send + Sync + 'static {
+    /// QAPI name of the driver ("file", "null-co", "mirror_top").
+    fn name(&self) -> &'static str;
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Request limits.
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+    /// Whether write-type requests are refused.
+    fn read_only(&self) -> bool {
+        false
+    }
+    /// Child edges, for drains and the graph.
+    fn children(&self) -> Vec<Node> {
+        Vec::new()
+    }
+    /// Performs `req` and calls `done` on this context when it completes.
+    fn submit(&self, req: Request, done: Done);
+}
+
+pub(crate) struct NodeInner {
+    name: String,
+    driver: Box<dyn Driver>,
+    in_flight: InFlight,
+    quiesce: AtomicUsize,
+    /// Contexts holding requests parked at the gate (touched only on the drained path).
+    parked_on: Mutex<Vec<Remote>>,
+    /// Backend handles whose root this node is (touched only on the control path).
+    pub(crate) handles: Mutex<Vec<Weak<HandleInner>>>,
+    /// Nodes that have this node as a child (touched only on the control path).
+    parents: Mutex<Vec<Weak<NodeInner>>>,
+}
+
+/// A node of the block graph. Cheap to clone (shared), usable from any context.
+#[derive(Clone)]
+pub struct Node(pub(crate) Arc<NodeInner>);
+
+thread_local! {
+    /// Requests parked at a gate on this context, with the node they were for.
+    static PARKED: RefCell<Vec<(Node, Request, Done)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Node {
+    /// Wraps a driver into a node named `name`, recording it as the parent of its children.
+    pub fn new(name: impl Into<String>, driver: impl Driver) -> Node {
+        let node = Node(Arc::new(NodeInner {
+            name: name.into(),
+            driver: Box::new(driver),
+            in_flight: InFlight::new(),
+            quiesce: AtomicUsize::new(0),
+            parked_on: Mutex::new(Vec::new()),
+            handles: Mutex::new(Vec::new()),
+            parents: Mutex::new(Vec::new()),
+        }));
+        for child in node.children() {
+            child
+                .0
+                .parents
+                .lock()
+                .unwrap()
+                .push(Arc::downgrade(&node.0));
+        }
+        node
+    }
+
+    /// The node-name.
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// The driver's QAPI name.
+    pub fn driver_name(&self) -> &'static str {
+        self.0.driver.name()
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.0.driver.size()
+    }
+
+    /// Request limits.
+    pub fn limits(&self) -> Limits {
+        self.0.driver.limits()
+    }
+
+    /// Whether write-type requests are refused.
+    pub fn read_only(&self) -> bool {
+        self.0.driver.read_only()
+    }
+
+    /// Child edges.
+    pub fn children(&self) -> Vec<Node> {
+        self.0.driver.children()
+    }
+
+    /// Requests in flight in this node (not counting its children's own count).
+    pub fn in_flight(&self) -> usize {
+        self.0.in_flight.get()
+    }
+
+    /// How many drained sections hold this node.
+    pub fn quiesce_counter(&self) -> usize {
+        self.0.quiesce.load(Ordering::SeqCst)
+    }
+
+    /// Whether two handles name the same node.
+    pub fn same(&self, other: &Node) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// Whether anything above uses this node: a parent node or a backend handle.
+    pub fn has_users(&self) -> bool {
+        let parents = self
+            .0
+            .parents
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.strong_count() > 0);
+        parents
+            || self
+                .0
+                .handles
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|h| h.strong_count() > 0)
+    }
+
+    /// Submits a request on the current context. While the node is drained the request waits at
+    /// the gate and runs after the last `drained_end`.
+    pub fn submit(&self, req: Request, done: Done) {
+        self.0.in_flight.inc();
+        if self.quiesce_counter() > 0 {
+            self.0.in_flight.dec();
+            self.park(req, done);
+            return;
+        }
+        self.perform(req, done);
+    }
+
+    /// Submits past the gate: for the holder of a drained section (a job doing its final copy
+    /// while the node is drained), which must not wait for its own drain.
+    pub fn submit_drained(&self, req: Request, done: Done) {
+        self.0.in_flight.inc();
+        self.perform(req, done);
+    }
+
+    fn perform(&self, req: Request, done: Done) {
+        let node = self.clone();
+        let done: Done = Box::new(move |result, req| {
+            done(result, req);
+            node.0.in_flight.dec();
+        });
+        match self.check(&req) {
+            Ok(()) => self.0.driver.submit(req, done),
+            Err(e) => Context::current().defer(move || done(Err(e), req)),
+        }
+    }
+
+    fn check(&self, req: &Request) -> BlockResult {
+        if req.is_write() && self.read_only() {
+            return Err(BlockError::ReadOnly);
+        }
+        let Some((offset, len)) = req.range() else {
+            return Ok(());
+        };
+        let size = self.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(BlockError::OutOfRange { offset, len, size });
+        }
+        let alignment = self.limits().request_alignment;
+        if offset % u64::from(alignment) != 0 || len % u64::from(alignment) != 0 {
+            return Err(BlockError::Unaligned {
+                offset,
+                len,
+                alignment,
+            });
+        }
+        Ok(())
+    }
+
+    fn park(&self, req: Request, done: Done) {
+        let ctx = Context::current();
+        PARKED.with(|p| p.borrow_mut().push((self.clone(), req, done)));
+        let mut parked_on = self.0.parked_on.lock().unwrap();
+        if !parked_on.iter().any(|r| r.id() == ctx.id()) {
+            parked_on.push(ctx.remote());
+        }
+        drop(parked_on);
+        // The last drained_end may have run between our check and the push above: then nobody
+        // will release us, so release ourselves.
+        if self.quiesce_counter() == 0 {
+            self.release_parked();
+        }
+    }
+
+    /// Called when the quiesce counter drops to zero: every context holding parked requests
+    /// for this node resubmits them (through the gate again), in the order they were parked.
+    pub(crate) fn release_parked(&self) {
+        let contexts = std::mem::take(&mut *self.0.parked_on.lock().unwrap());
+        for remote in contexts {
+            let node = self.clone();
+            remote.defer(move || node.resubmit_parked_here());
+        }
+    }
+
+    fn resubmit_parked_here(&self) {
+        let mine: Vec<(Node, Request, Done)> = PARKED.with(|p| {
+            let mut all = p.borrow_mut();
+            let (mine, others) = all.drain(..).partition(|(n, _, _)| n.same(self));
+            *all = others;
+            mine
+        });
+        for (node, req, done) in mine {
+            node.submit(req, done);
+        }
+    }
+
+    pub(crate) fn quiesce_inc(&self) {
+        self.0.quiesce.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Returns whether the counter reached zero.
+    pub(crate) fn quiesce_dec(&self) -> bool {
+        let before = self.0.quiesce.fetch_sub(1, Ordering::SeqCst);
+        assert!(
+            before > 0,
+            "drained_end without drained_begin on node '{}'",
+            self.name()
+        );
+        before == 1
+    }
+
+    /// This node and every node below it, each once.
+    pub(crate) fn subtree(&self) -> Vec<Node> {
+        let mut out: Vec<Node> = Vec::new();
+        let mut todo = vec![self.clone()];
+        while let Some(n) = todo.pop() {
+            if out.iter().any(|o| o.same(&n)) {
+                continue;
+            }
+            todo.extend(n.children());
+            out.push(n);
+        }
+        out
+    }
+
+    /// This node and every node above it, each once.
+    pub(crate) fn ancestry(&self) -> Vec<Node> {
+        let mut out: Vec<Node> = Vec::new();
+        let mut todo = vec![self.clone()];
+        while let Some(n) = todo.pop() {
+            if out.iter().any(|o| o.same(&n)) {
+                continue;
+            }
+            todo.extend(
+                n.0.parents
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter_map(Weak::upgrade)
+                    .map(Node),
+            );
+            out.push(n);
+        }
+        out
+    }
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Node({} {})", self.driver_name(), self.name())
+    }
+}
