@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use ringblk_bench::{Report, RunOptions, human, run_jobs};
+use ringblk_bench::{NOISE_CORES, Report, RunOptions, human, machine_busy_cores, run_jobs};
 
 use crate::{Common, load_jobs, write_json};
 
@@ -34,7 +34,7 @@ pub(crate) struct CompareArgs {
     #[arg(long, default_value = QSD)]
     qsd: PathBuf,
     /// The --blockdev both daemons get; its node-name is exported.
-    #[arg(long, default_value = "driver=null-co,node-name=disk0,size=1G")]
+    #[arg(long, default_value = "driver=null-co,node-name=disk0,size=1073741824")]
     blockdev: String,
     /// Side A's command (program and leading arguments, split on spaces).
     #[arg(long, value_name = "CMD")]
@@ -57,6 +57,13 @@ pub(crate) struct CompareArgs {
     /// CPU the generator threads are pinned to.
     #[arg(long, default_value_t = 0)]
     generator_cpu: usize,
+    /// Before each run, wait up to this many seconds for the machine to be quiet (other
+    /// processes below 5% of a CPU over one second); 0 does not wait.
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    settle: u64,
+    /// Repeat a run disturbed by other processes (above 5% of a CPU) up to this many times.
+    #[arg(long, default_value_t = 0)]
+    retries: usize,
     #[command(flatten)]
     common: Common,
 }
@@ -79,6 +86,9 @@ struct Medians {
     p50_us: f64,
     daemon_cpu_us_per_io: Option<f64>,
     generator_cpu_us_per_io: f64,
+    generator_busy_us_per_io: f64,
+    /// Other processes' CPU use during the runs, in cores.
+    others_cores: f64,
 }
 
 #[derive(serde::Serialize)]
@@ -167,28 +177,45 @@ pub(crate) fn main(args: &CompareArgs) -> Result<bool, String> {
     let mut records: Vec<RunRecord> = Vec::new();
     for run in 1..=args.runs {
         for s in &sides {
-            let daemon = Daemon::start(s, &args.blockdev, &node, args.daemon_cpu)?;
-            let opts = RunOptions {
-                wait_mode: args.common.wait_mode,
-                cpus: vec![args.generator_cpu],
-                backend_pid: Some(daemon.pid()),
-                progress: !args.common.no_progress,
+            let mut attempt = 0;
+            let report = loop {
+                settle(Duration::from_secs(args.settle));
+                let daemon = Daemon::start(s, &args.blockdev, &node, args.daemon_cpu)?;
+                let opts = RunOptions {
+                    wait_mode: args.common.wait_mode,
+                    cpus: vec![args.generator_cpu],
+                    backend_pid: Some(daemon.pid()),
+                    progress: !args.common.no_progress,
+                };
+                let result = run_jobs(&daemon.socket, &file.jobs, &opts);
+                let log = daemon.stop();
+                let report = result.map_err(|e| format!("{} run {run}: {e}\n{log}", s.name))?;
+                let others = others_cores(&report);
+                let disturbed = others > NOISE_CORES;
+                println!(
+                    "run {run} {:<10} {:>8} IOPS  p50 {:>7.1} us  daemon {:>6} us/IO  generator {:.2} us/IO ({:.2} busy)  others {:>3.0}%{}{}",
+                    s.name,
+                    human(report.total.iops),
+                    report.total.lat_us.p50,
+                    report
+                        .cpu
+                        .backend_us_per_io
+                        .map_or("-".to_string(), |c| format!("{c:.2}")),
+                    report.cpu.generator_us_per_io,
+                    report.cpu.generator_busy_us_per_io,
+                    others * 100.0,
+                    match (disturbed, attempt < args.retries) {
+                        (true, true) => " (disturbed, again)",
+                        (true, false) => " (disturbed)",
+                        _ => "",
+                    },
+                    if report.passed() { "" } else { "  FAILED" }
+                );
+                if !disturbed || attempt >= args.retries {
+                    break report;
+                }
+                attempt += 1;
             };
-            let result = run_jobs(&daemon.socket, &file.jobs, &opts);
-            let log = daemon.stop();
-            let report = result.map_err(|e| format!("{} run {run}: {e}\n{log}", s.name))?;
-            println!(
-                "run {run} {:<10} {:>8} IOPS  p50 {:>7.1} us  daemon {:>6} us/IO  generator {:.2} us/IO{}",
-                s.name,
-                human(report.total.iops),
-                report.total.lat_us.p50,
-                report
-                    .cpu
-                    .backend_us_per_io
-                    .map_or("-".to_string(), |c| format!("{c:.2}")),
-                report.cpu.generator_us_per_io,
-                if report.passed() { "" } else { "  FAILED" }
-            );
             records.push(RunRecord {
                 side: s.name.clone(),
                 run,
@@ -211,6 +238,13 @@ pub(crate) fn main(args: &CompareArgs) -> Result<bool, String> {
             generator_cpu_us_per_io: median(
                 reports.iter().map(|r| r.cpu.generator_us_per_io).collect(),
             ),
+            generator_busy_us_per_io: median(
+                reports
+                    .iter()
+                    .map(|r| r.cpu.generator_busy_us_per_io)
+                    .collect(),
+            ),
+            others_cores: median(reports.iter().map(|r| others_cores(r)).collect()),
         }
     };
     let (ma, mb) = (medians(&sides[0].name), medians(&sides[1].name));
@@ -258,6 +292,16 @@ pub(crate) fn main(args: &CompareArgs) -> Result<bool, String> {
         "{:<24} {:>12.2} {:>12.2}",
         "generator CPU (us/IO)", ma.generator_cpu_us_per_io, mb.generator_cpu_us_per_io
     );
+    println!(
+        "{:<24} {:>12.2} {:>12.2}",
+        "generator busy (us/IO)", ma.generator_busy_us_per_io, mb.generator_busy_us_per_io
+    );
+    println!(
+        "{:<24} {:>11.0}% {:>11.0}%",
+        "other processes (CPU)",
+        ma.others_cores * 100.0,
+        mb.others_cores * 100.0
+    );
     let passed = records.iter().all(|r| r.report.passed());
     let [sa, sb] = sides;
     let out = CompareReport {
@@ -284,6 +328,34 @@ pub(crate) fn main(args: &CompareArgs) -> Result<bool, String> {
         write_json(path, &out)?;
     }
     Ok(passed)
+}
+
+fn others_cores(r: &Report) -> f64 {
+    match r.cpu.others_s {
+        Some(o) if r.elapsed_s > 0.0 => o / r.elapsed_s,
+        _ => 0.0,
+    }
+}
+
+/// Waits (up to `max`) until other processes use less than NOISE_CORES of a CPU.
+fn settle(max: Duration) {
+    if max.is_zero() {
+        return;
+    }
+    let t0 = Instant::now();
+    loop {
+        let busy = machine_busy_cores(Duration::from_secs(1)).unwrap_or(0.0);
+        if busy < NOISE_CORES {
+            return;
+        }
+        if t0.elapsed() >= max {
+            eprintln!(
+                "compare: the machine is still busy ({:.0}% of a CPU), measuring anyway",
+                busy * 100.0
+            );
+            return;
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -41,8 +41,8 @@ use std::str::FromStr;
 
 pub use device::DeviceInfo;
 pub use job::{Amount, Job, JobFile, ParseError, Rw};
-pub use report::{CpuReport, DirReport, LatencyReport, Report, VerifyReport, human};
-pub use run::{RunOptions, Session, run_job, run_jobs};
+pub use report::{CpuReport, DirReport, LatencyReport, NOISE_CORES, Report, VerifyReport, human};
+pub use run::{RunOptions, Session, machine_busy_cores, run_job, run_jobs};
 pub use verify::{BadBlock, BadReason};
 
 /// Reads a process's CPU time (utime + stime of all threads, seconds) from /proc/PID/stat.

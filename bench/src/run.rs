@@ -346,6 +346,14 @@ struct CpuSample {
     machine_busy_s: Option<f64>,
 }
 
+/// The machine's busy CPU time over `window`, in cores (1.0 = one CPU fully busy), from
+/// /proc/stat. Use it to wait for a quiet machine before measuring.
+pub fn machine_busy_cores(window: Duration) -> Option<f64> {
+    let before = machine_busy_s()?;
+    std::thread::sleep(window);
+    Some((machine_busy_s()? - before) / window.as_secs_f64())
+}
+
 /// Busy CPU seconds of the whole machine since boot (/proc/stat: all but idle and iowait).
 fn machine_busy_s() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;

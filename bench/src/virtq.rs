@@ -217,6 +217,11 @@ pub(crate) struct SplitQueue {
     avail_next: u16,
     /// Avail index last published to the device.
     avail_published: u16,
+    /// `used_event` as last written while suppressing notifications (EVENT_IDX), if it was.
+    suppressed_at: Option<u16>,
+    /// Per slot: whether its data descriptor is currently device-writable. The flags are only
+    /// rewritten when the direction changes, so the descriptor table's cache lines stay shared.
+    data_writable: Vec<bool>,
     desc: *mut u8,
     avail: *mut u8,
     used: *mut u8,
@@ -247,6 +252,8 @@ impl SplitQueue {
             event_idx,
             avail_next: 0,
             avail_published: 0,
+            suppressed_at: None,
+            data_writable: vec![false; slots],
             desc,
             avail,
             used,
@@ -306,25 +313,32 @@ impl SplitQueue {
         device_writes: bool,
     ) {
         assert!(slot < self.layout.slots);
-        let data_flags = if device_writes {
-            F_NEXT | F_WRITE
-        } else {
-            F_NEXT
-        };
-        let data_desc = slot * DESCS_PER_REQUEST + 1;
-        // SAFETY: slot < slots, so the meta line and the data descriptor's flags field lie in
-        // areas checked in `new`; the slot is free, so the device does not read them now.
+        // SAFETY: slot < slots, so the meta line lies in the area checked in `new`; the slot is
+        // free, so the device does not read it now. (The reserved field stays 0 from creation.)
         unsafe {
             let m = self.meta.add(META_STRIDE * usize::from(slot));
             m.cast::<u32>().write_volatile(request_type.to_le());
-            m.add(4).cast::<u32>().write_volatile(0);
             m.add(8).cast::<u64>().write_volatile(sector.to_le());
             m.add(STATUS_AT).write_volatile(0xff);
-            let flags = self
-                .desc
-                .add(16 * usize::from(data_desc) + 12)
-                .cast::<u16>();
-            flags.write_volatile(data_flags.to_le());
+        }
+        let writable = &mut self.data_writable[usize::from(slot)];
+        if *writable != device_writes {
+            *writable = device_writes;
+            let flags = if device_writes {
+                F_NEXT | F_WRITE
+            } else {
+                F_NEXT
+            };
+            let data_desc = slot * DESCS_PER_REQUEST + 1;
+            // SAFETY: data_desc < 3 * slots <= size, so the flags field lies in the descriptor
+            // table checked in `new`; the slot is free, so the device does not read it now.
+            unsafe {
+                let f = self
+                    .desc
+                    .add(16 * usize::from(data_desc) + 12)
+                    .cast::<u16>();
+                f.write_volatile(flags.to_le());
+            }
         }
     }
 
@@ -441,9 +455,17 @@ impl SplitQueue {
     /// Suppression"); `last_used` is the used idx consumed so far. Used by the poll mode.
     pub(crate) fn suppress_notifications(&mut self, last_used: u16) {
         if self.event_idx {
-            // An event index behind everything the device has used is never crossed (until the
-            // idx wraps 2^16 entries later; callers refresh this on every reap).
-            self.write_used_event(last_used.wrapping_sub(1));
+            // An event index behind everything the device has used is not crossed until the
+            // used idx runs 2^16 entries past it; rewrite it every 2^14 entries (rather than on
+            // every reap: the device reads that cache line on every completion).
+            let stale = self
+                .suppressed_at
+                .is_none_or(|at| last_used.wrapping_sub(at) >= 1 << 14);
+            if stale {
+                let event = last_used.wrapping_sub(1);
+                self.write_used_event(event);
+                self.suppressed_at = Some(event);
+            }
         } else {
             self.write_avail_flags(F_NO_INTERRUPT);
         }
@@ -452,6 +474,7 @@ impl SplitQueue {
     /// Asks the device to signal the next completion after `last_used`, then re-reads the used
     /// idx (full barrier between) so that a completion that raced with this is not missed.
     pub(crate) fn request_notification(&mut self, last_used: u16) -> u16 {
+        self.suppressed_at = None;
         if self.event_idx {
             self.write_used_event(last_used);
         } else {
