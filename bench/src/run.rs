@@ -461,8 +461,7 @@ fn execute(
             .into_iter()
             .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect();
-        let elapsed = t0.elapsed();
-        (results, elapsed, before, cpu_sample(opts.backend_pid))
+        (results, t0.elapsed(), before, cpu_sample(opts.backend_pid))
     });
     drop(conn);
     let outcomes = results.into_iter().collect::<Result<Vec<_>, _>>()?;
@@ -482,7 +481,13 @@ fn execute(
             .zip(after.machine_busy_s)
             .map(|(b, a)| (a - b - generator_s - backend_s.unwrap_or(0.0)).max(0.0)),
     };
-    Ok((outcomes, elapsed.as_secs_f64(), cpu))
+    // The I/O phase: from the first thread's start to the last one's end.
+    let first = outcomes.iter().map(|o| o.started).min();
+    let last = outcomes.iter().map(|o| o.finished).max();
+    let io_s = first.zip(last).map_or(elapsed.as_secs_f64(), |(a, b)| {
+        b.duration_since(a).as_secs_f64()
+    });
+    Ok((outcomes, io_s, cpu))
 }
 
 fn print_progress<T>(

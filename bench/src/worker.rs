@@ -74,6 +74,9 @@ pub(crate) struct Outcome {
     pub(crate) bytes: [u64; 2],
     pub(crate) lat_ns: [Histogram<u64>; 2],
     pub(crate) io_errors: u64,
+    /// When the thread started and finished issuing I/O.
+    pub(crate) started: Instant,
+    pub(crate) finished: Instant,
     /// Time spent spinning for completions with nothing to do (poll mode; asleep is not CPU).
     pub(crate) idle: Duration,
     pub(crate) blocks_checked: u64,
@@ -250,6 +253,8 @@ pub(crate) fn run(
             lat_ns: [new_histogram(), new_histogram()],
             io_errors: 0,
             idle: Duration::ZERO,
+            started: now,
+            finished: now,
             blocks_checked: 0,
             bad_count: 0,
             bad: Vec::new(),
@@ -259,7 +264,9 @@ pub(crate) fn run(
         w.q.queue.suppress_notifications(0);
     }
     start.wait();
+    w.out.started = Instant::now();
     w.main_loop()?;
+    w.out.finished = Instant::now();
     Ok(w.out)
 }
 
