@@ -60,3 +60,17 @@ pub(crate) const fn narrow_u8(v: u32) -> u8 {
     assert!(v <= u8::MAX as u32);
     v as u8
 }
+
+#[cfg(test)]
+mod tests {
+    fn assert_send<T: Send>() {}
+
+    #[test]
+    fn handles_that_cross_contexts_are_send() {
+        assert_send::<std::sync::Arc<crate::memory::MemoryTable>>();
+        assert_send::<crate::queue::SplitQueue>();
+        assert_send::<crate::queue::DescriptorChain>();
+        assert_send::<crate::blk::Request>();
+        assert_send::<crate::memory::GuestBuffers>();
+    }
+}
