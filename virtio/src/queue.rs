@@ -366,7 +366,9 @@ impl SplitQueue {
         self.next_avail
     }
 
-    /// Sets where consumption resumes (SET_VRING_BASE).
+    /// Sets where consumption resumes (SET_VRING_BASE). Entries between the used idx found in
+    /// the ring and `value` count as in flight until they are used; the previous backend should
+    /// have completed them before reporting its base.
     pub fn set_next_avail(&mut self, value: u16) {
         self.next_avail = value;
         self.avail_idx_seen = value;
@@ -642,7 +644,12 @@ impl SplitQueue {
     /// Asks the driver to notify us of new avail entries (§2.7.10), then checks for entries the
     /// driver added while notifications were off. Returns whether there are entries to pop: if
     /// so, the caller keeps processing instead of waiting for a notification that may not come.
+    /// A broken queue has nothing to pop: `Ok(false)`, so that a caller looping on this cannot
+    /// spin.
     pub fn enable_notification(&mut self) -> Result<bool, QueueError> {
+        if self.broken {
+            return Ok(false);
+        }
         let used = self.used_ring()?;
         let stored = if self.config.event_idx {
             // "Notify when you write the entry at next_avail", i.e. on any new entry.
@@ -1320,6 +1327,17 @@ mod tests {
         q.pop().unwrap().unwrap();
         assert!(!q.enable_notification().unwrap());
         assert_eq!(d.avail_event(), 1);
+    }
+
+    #[test]
+    fn enable_notification_on_a_broken_queue_reports_nothing_to_pop() {
+        let mut d = driver();
+        let mut q = d.device_queue();
+        d.publish(16);
+        assert!(q.pop().is_err());
+        let b = bufs(&mut d, &[(16, false), (1, true)]);
+        d.add_chain(&b);
+        assert!(!q.enable_notification().unwrap());
     }
 
     #[test]
