@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 use ringblk_ring::{Context, InFlight, Remote};
 
 use crate::error::{BlockError, BlockResult};
-use crate::handle::HandleInner;
+use crate::handle::{BackendHandle, HandleInner};
 use crate::request::{Done, Request};
 
 /// Limits a node imposes on requests.
@@ -164,6 +164,18 @@ impl Node {
                 .unwrap()
                 .iter()
                 .any(|h| h.strong_count() > 0)
+    }
+
+    /// The backend handles whose root this node is (what a pivot away from it must `replace`).
+    pub fn handles(&self) -> Vec<BackendHandle> {
+        self.0
+            .handles
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(BackendHandle)
+            .collect()
     }
 
     /// Submits a request on the current context. While the node is drained the request waits at

@@ -1,0 +1,275 @@
+//! Copy operations (`MirrorOp`): read a run of dirty chunks from the source, write it to the
+//! target.
+//!
+//! A run is claimed in the chunk locks before its dirty bits are cleared and the source is read,
+//! so a guest write that lands after the read re-dirties it (see [`crate::filter`]), and no other
+//! copy or write-blocking write overlaps it. A run read as all zeroes becomes a write-zeroes, or
+//! nothing at all where the target is known to read as zeroes already. Bytes in flight stay
+//! below buf-size; the speed limit is charged when a run is issued. Buffers are pooled.
+
+use std::ops::Range;
+use std::rc::Rc;
+use std::time::Instant;
+
+use ringblk_blkgraph::{BlockError, BlockResult, Done, Request};
+use ringblk_ring::buf::{IoBuffers, OwnedBuf};
+
+use crate::job::Job;
+use crate::status::IoOperation;
+
+/// Whether a copy goes through the source's drain gate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Gate {
+    /// Normal copying: waits at the gate like anyone else; rate limited.
+    Open,
+    /// The final sync, inside the job's own drained section: past the gate, unlimited.
+    Drained,
+}
+
+/// One copy in flight.
+pub(crate) struct MirrorOp {
+    chunks: Range<u64>,
+    offset: u64,
+    len: u64,
+}
+
+impl Job {
+    /// Issues copies of dirty chunks until buf-size, the speed limit or the dirt runs out.
+    /// Returns how many were issued.
+    pub(crate) fn issue_copies(self: &Rc<Self>, gate: Gate) -> usize {
+        let mut issued = 0;
+        loop {
+            let now = Instant::now();
+            let budget = {
+                let st = self.st.borrow();
+                if st.bytes_in_flight >= self.cfg.buf_size {
+                    break;
+                }
+                if gate == Gate::Open {
+                    let retry = st.retry_at.and_then(|at| at.checked_duration_since(now));
+                    if let Some(wait) = retry.or_else(|| st.limit.delay(now)) {
+                        drop(st);
+                        self.arm_timer(wait);
+                        break;
+                    }
+                }
+                self.cfg.buf_size - st.bytes_in_flight
+            };
+            let Some(chunks) = self.claim_run(budget.min(self.cfg.op_bytes_max)) else {
+                break;
+            };
+            self.issue(chunks, gate, now);
+            issued += 1;
+        }
+        issued
+    }
+
+    /// Claims the first claimable dirty chunk at or after the cursor (wrapping) and the dirty,
+    /// claimable chunks right after it, up to `max_bytes`; clears their dirty bits.
+    fn claim_run(&self, max_bytes: u64) -> Option<Range<u64>> {
+        let dirty = &self.shared.dirty;
+        let locks = &self.shared.locks;
+        let n = dirty.chunks();
+        let cursor = self.st.borrow().cursor;
+        let max_chunks = (max_bytes / dirty.granularity()).max(1);
+        for (from, to) in [(cursor, n), (0, cursor)] {
+            let mut chunk = from;
+            while let Some(first) = dirty.next_set(chunk, to) {
+                chunk = first + 1;
+                if !locks.try_claim(first) {
+                    continue;
+                }
+                let mut end = first + 1;
+                while end < n
+                    && end - first < max_chunks
+                    && dirty.is_set(end)
+                    && locks.try_claim(end)
+                {
+                    end += 1;
+                }
+                dirty.clear(first..end);
+                self.st.borrow_mut().cursor = if end == n { 0 } else { end };
+                return Some(first..end);
+            }
+        }
+        None
+    }
+
+    fn issue(self: &Rc<Self>, chunks: Range<u64>, gate: Gate, now: Instant) {
+        let bytes = self.shared.dirty.byte_range(chunks.clone());
+        let len = bytes.end - bytes.start;
+        {
+            let mut st = self.st.borrow_mut();
+            st.ops += 1;
+            st.bytes_in_flight += len;
+            if gate == Gate::Open {
+                st.limit.charge(now, len);
+            }
+        }
+        let op = MirrorOp {
+            chunks,
+            offset: bytes.start,
+            len,
+        };
+        let req = Request::Read {
+            offset: op.offset,
+            buf: Box::new(self.take_buf(len)),
+        };
+        let job = self.clone();
+        let done: Done = Box::new(move |result, req| job.read_done(op, result, req));
+        match gate {
+            Gate::Open => self.source.submit(req, done),
+            Gate::Drained => self.source.submit_drained(req, done),
+        }
+    }
+
+    fn read_done(self: &Rc<Self>, op: MirrorOp, result: BlockResult, req: Request) {
+        let buf = owned(req);
+        if let Err(e) = result {
+            self.put_buf(buf);
+            return self.op_failed(op, IoOperation::Read, &e);
+        }
+        let zero = is_zero(buf.as_slice());
+        let req = if zero {
+            self.put_buf(buf);
+            if self.shared.target_zero.all_set(op.chunks.clone()) {
+                return self.op_done(op);
+            }
+            Request::WriteZeroes {
+                offset: op.offset,
+                len: op.len,
+                unmap: self.cfg.unmap,
+            }
+        } else {
+            self.shared.target_zero.clear(op.chunks.clone());
+            Request::Write {
+                offset: op.offset,
+                buf: Box::new(buf),
+            }
+        };
+        let job = self.clone();
+        self.target.submit(
+            req,
+            Box::new(move |result, req| {
+                if let Request::Write { buf, .. } = req {
+                    job.put_buf(owned_buf(buf));
+                }
+                match result {
+                    Ok(()) => job.op_done(op),
+                    Err(e) => job.op_failed(op, IoOperation::Write, &e),
+                }
+            }),
+        );
+    }
+
+    fn op_done(self: &Rc<Self>, op: MirrorOp) {
+        self.release(&op);
+        self.st.borrow_mut().offset += op.len;
+        self.pump();
+    }
+
+    fn op_failed(self: &Rc<Self>, op: MirrorOp, operation: IoOperation, error: &BlockError) {
+        self.release(&op);
+        self.shared.dirty.set(op.chunks.clone());
+        let (text, errno) = describe(error);
+        self.copy_failed(operation, &text, errno);
+        self.pump();
+    }
+
+    fn release(&self, op: &MirrorOp) {
+        for chunk in op.chunks.clone() {
+            self.shared.locks.release(chunk);
+        }
+        let mut st = self.st.borrow_mut();
+        st.ops -= 1;
+        st.bytes_in_flight -= op.len;
+    }
+
+    /// A buffer of `len` bytes from the pool (contents unspecified: a read fills it).
+    fn take_buf(&self, len: u64) -> OwnedBuf {
+        let len = usize::try_from(len).expect("a copy fits in memory");
+        let mut data = self.pool.borrow_mut().pop().unwrap_or_default();
+        data.resize(len, 0);
+        OwnedBuf::from_vec(data)
+    }
+
+    fn put_buf(&self, buf: OwnedBuf) {
+        let mut pool = self.pool.borrow_mut();
+        let pooled: u64 = pool.iter().map(|b| b.capacity() as u64).sum();
+        if pooled < self.cfg.buf_size {
+            pool.push(buf.into_vec());
+        }
+    }
+
+    /// Flushes the target as part of the final sync.
+    pub(crate) fn flush_target(self: &Rc<Self>) {
+        self.st.borrow_mut().ops += 1;
+        let job = self.clone();
+        self.target.submit(
+            Request::Flush,
+            Box::new(move |result, _| {
+                {
+                    let mut st = job.st.borrow_mut();
+                    st.ops -= 1;
+                    st.flushed = result.is_ok();
+                }
+                if let Err(e) = result {
+                    let (text, errno) = describe(&e);
+                    job.copy_failed(IoOperation::Write, &text, errno);
+                }
+                job.pump();
+            }),
+        );
+    }
+}
+
+/// QEMU-style error text ("Input/output error") and the errno, if there is one.
+fn describe(error: &BlockError) -> (String, Option<i32>) {
+    match error {
+        BlockError::Io(e) => {
+            let text = e.to_string();
+            let text = match text.find(" (os error") {
+                Some(i) => text[..i].to_owned(),
+                None => text,
+            };
+            (text, e.raw_os_error())
+        }
+        other => (other.to_string(), None),
+    }
+}
+
+fn owned(req: Request) -> OwnedBuf {
+    owned_buf(req.into_buf().expect("copies read into a buffer"))
+}
+
+fn owned_buf(buf: Box<dyn IoBuffers>) -> OwnedBuf {
+    let any: Box<dyn std::any::Any> = buf;
+    *any.downcast::<OwnedBuf>()
+        .expect("the job's copies use OwnedBuf")
+}
+
+/// Whether every byte is zero.
+pub(crate) fn is_zero(data: &[u8]) -> bool {
+    let words = data.chunks_exact(16);
+    let tail = words.remainder();
+    tail.iter().all(|&b| b == 0)
+        && words
+            .map(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")))
+            .all(|w| w == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn zero_detection_sees_a_single_byte_anywhere() {
+        let mut data = vec![0u8; 4099];
+        assert!(is_zero(&data));
+        for at in [0, 15, 16, 4095, 4098] {
+            data[at] = 1;
+            assert!(!is_zero(&data), "byte {at}");
+            data[at] = 0;
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! # ringblk-mirror: the mirror job
+//!
+//! A [`Mirror`] copies a source node to a target node of the same size while the guest keeps
+//! writing to the source, and ends with a **pivot**: every device that wrote to the source now
+//! writes to the target, and no write the guest saw completed is missing from it.
+//!
+//! ## What it owns
+//! - the `mirror_top` filter ([`filter`]) that it puts above the source at creation: every
+//!   backend handle on the source moves to the filter, which marks the chunks that guest writes
+//!   touch in the **dirty bitmap** ([`bitmap`]), or in write-blocking mode writes them to both
+//!   sides before completing them;
+//! - the copy loop ([`copy`]): `MirrorOp`s read dirty chunks from the source and write them (or
+//!   write-zeroes) to the target, bounded by buf-size, rate limited ([`ratelimit`]), never two
+//!   at once on a chunk, never at once with a write-blocking guest write ([`overlap`]);
+//! - the job state machine with QEMU's names, commands and events ([`status`], [`job`]);
+//! - the completion ([`switch`]): drained final sync, deferred pivot, unmute.
+//!
+//! ## Invariants
+//! 1. **A chunk where the target may differ from the source is dirty, or a copy holds it.**
+//!    Guest writes mark dirty at submission and at completion (before the device sees the
+//!    completion); a copy clears the bits *before* it reads the source; a write-blocking write
+//!    cleans only the chunks it covered with nobody overlapping it.
+//! 2. **The pivot happens inside the drained section that saw the bitmap clean and flushed the
+//!    target**, and the devices above stay muted from `drained_begin` until after `replace`.
+//!    So no guest write can reach the source after the final copy: a kick in that window is
+//!    not dispatched; it runs after the unmute, against the target (design invariant 1).
+//! 3. **The job's own final copies pass the gate** (`submit_drained`), so its drain never waits
+//!    for itself.
+//! 4. **Nothing blocks the main loop** except `drained_begin`'s polling; everything else is
+//!    completions, timers, deferred callbacks and the filter's wake-up eventfd.
+//!
+//! ## Who calls what
+//! The daemon's QMP layer, on the main context: [`Mirror::create`], [`Mirror::start`],
+//! [`Mirror::complete`], [`Mirror::cancel`], [`Mirror::pause`], [`Mirror::resume`],
+//! [`Mirror::finalize`], [`Mirror::dismiss`], [`Mirror::set_speed`],
+//! [`Mirror::change_copy_mode`], [`Mirror::query`]; it drains [`JobEvent`]s from the channel it
+//! passed in and turns each into the QMP event [`JobEvent::qmp_name`] names. The filter runs
+//! on whichever I/O context the device submits from; it shares only atomics with the job.
+//!
+//! ## Where ringblk differs from QEMU
+//! - PENDING is not frozen: the job keeps mirroring, and `finalize` (automatic by default)
+//!   performs the drained final sync and the pivot. QEMU syncs before PENDING and keeps the
+//!   source drained until finalize, which with `auto-finalize=false` stalls the guest.
+//! - An idle READY job sleeps until the filter wakes it (no 100 ms polling).
+//! - Zero chunks are found by reading (no block-status yet): a full copy writes every chunk of
+//!   the target, as data or as write-zeroes, unless `target_is_zero` says it reads as zeroes.
+#![forbid(unsafe_code)]
+
+pub mod bitmap;
+mod copy;
+mod error;
+mod filter;
+mod job;
+mod options;
+mod overlap;
+mod ratelimit;
+pub mod status;
+mod switch;
+
+pub use error::MirrorError;
+pub use job::Mirror;
+pub use options::{BUF_SIZE_DEFAULT, CopyMode, MirrorOptions, OP_BYTES_MAX, OnError};
+pub use status::{
+    ErrorAction, IoOperation, IoStatus, JobEvent, JobInfo, JobProgress, JobStatus, Verb,
+};
