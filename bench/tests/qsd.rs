@@ -109,12 +109,16 @@ impl Qsd {
     }
 
     fn file(qsd: &Path, dir: &Scratch, image: &Path) -> Qsd {
+        Qsd::file_with(qsd, dir, image, "")
+    }
+
+    fn file_with(qsd: &Path, dir: &Scratch, image: &Path, extra: &str) -> Qsd {
         Qsd::start(
             qsd,
             dir,
             &format!("driver=file,node-name=f,filename={}", image.display()),
             "f",
-            "",
+            extra,
         )
     }
 
@@ -217,6 +221,31 @@ fn verify_job_against_a_file_passes() {
     assert!(v.blocks_checked >= 1024, "{r}");
     assert!(r.passed());
     assert_eq!(r.read.ios + r.write.ios, 3 * 2048);
+}
+
+#[test]
+fn verify_with_two_threads_splits_the_region_between_two_queues() {
+    let qsd = require_qsd!();
+    let dir = Scratch::new("verify2");
+    let image = dir.image(16 << 20);
+    let d = Qsd::file_with(&qsd, &dir, &image, ",num-queues=2");
+    let job = Job::parse(
+        "[v]\nrw=randwrite\nbs=4k\niodepth=8\nnumjobs=2\nsize=4m\nverify=1\n",
+    )
+    .unwrap();
+    let r = run_job(&d.socket, &job, &quiet()).unwrap();
+    // Each thread writes its own half once; the final pass reads all 1024 blocks.
+    assert_eq!(r.write.ios, 1024, "{r}");
+    let v = r.verify.as_ref().unwrap();
+    assert_eq!((v.blocks_checked, v.bad_blocks), (1024, 0), "{r}");
+    // Every block of the region holds its own stamp.
+    let img = File::open(&image).unwrap();
+    let mut head = [0u8; 16];
+    for block in [0u64, 511, 512, 1023] {
+        img.read_exact_at(&mut head, block * 4096).unwrap();
+        assert_eq!(&head[..8], b"RBLKVFY1");
+        assert_eq!(u64::from_le_bytes(head[8..16].try_into().unwrap()), block * 4096);
+    }
 }
 
 #[test]
