@@ -74,6 +74,9 @@ struct Slot {
 struct Source {
     group: Group,
     fd: RawFd,
+    /// The context consumes the eventfd count before each dispatch; other fds (sockets) are
+    /// consumed by their handler.
+    eventfd: bool,
     handler: Handler,
     /// Its POLL_ADD is in flight (with this user data).
     armed: Option<u64>,
@@ -231,10 +234,27 @@ impl Context {
     /// Registers `fd` (an eventfd) as an external source in `group`. When it becomes readable and
     /// the group is not muted, the context consumes the eventfd count and calls `handler`.
     pub fn add_source(&self, group: Group, fd: RawFd, handler: impl FnMut() + 'static) -> SourceId {
+        self.add(group, fd, true, Rc::new(RefCell::new(handler)))
+    }
+
+    /// Registers any pollable `fd` (a socket) as an external source in `group`. When it becomes
+    /// readable and the group is not muted, the context calls `handler`, which must consume what
+    /// made it readable (level-triggered: otherwise it is called again at once).
+    pub fn add_fd_source(
+        &self,
+        group: Group,
+        fd: RawFd,
+        handler: impl FnMut() + 'static,
+    ) -> SourceId {
+        self.add(group, fd, false, Rc::new(RefCell::new(handler)))
+    }
+
+    fn add(&self, group: Group, fd: RawFd, eventfd: bool, handler: Handler) -> SourceId {
         let source = Source {
             group,
             fd,
-            handler: Rc::new(RefCell::new(handler)),
+            eventfd,
+            handler,
             armed: None,
             removed: false,
         };
@@ -340,14 +360,16 @@ impl Context {
 
     /// Consumes the source's eventfd, calls its handler and re-arms its poll.
     fn dispatch_source(&self, index: usize) {
-        let (fd, handler) = {
+        let (fd, eventfd, handler) = {
             let sources = self.0.sources.borrow();
             let Some(s) = sources[index].as_ref().filter(|s| !s.removed) else {
                 return;
             };
-            (s.fd, s.handler.clone())
+            (s.fd, s.eventfd, s.handler.clone())
         };
-        eventfd_drain(fd);
+        if eventfd {
+            eventfd_drain(fd);
+        }
         (handler.borrow_mut())();
         self.arm(index);
     }

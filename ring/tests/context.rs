@@ -517,3 +517,27 @@ fn poller_runs_while_busy_polling_and_not_while_muted() {
         ctx.unmute(group);
     });
 }
+
+#[test]
+fn fd_source_is_left_for_its_handler_to_consume() {
+    on_context(|ctx| {
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let got = Rc::new(RefCell::new(Vec::new()));
+        let g = got.clone();
+        let mut reader = b.try_clone().unwrap();
+        ctx.add_fd_source(Group::new(), b.as_raw_fd(), move || {
+            let mut buf = [0u8; 64];
+            if let Ok(n) = reader.read(&mut buf) {
+                g.borrow_mut().extend_from_slice(&buf[..n]);
+            }
+        });
+        a.write_all(b"0123456789abcdef").unwrap();
+        ctx.run_until(|| got.borrow().len() == 16);
+        assert_eq!(
+            &*got.borrow(),
+            b"0123456789abcdef",
+            "no byte taken by the context itself"
+        );
+    });
+}

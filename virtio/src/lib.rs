@@ -38,10 +38,16 @@
 //! `needs_notification`, signal the call eventfd. It counts a request in flight from `pop` until
 //! `add_used`.
 
+mod backend;
 pub mod blk;
 pub mod config;
+mod export;
 pub mod memory;
 pub mod queue;
+mod serve;
+
+pub use export::{Export, ExportConfig};
+pub use serve::block_status;
 mod small;
 
 #[cfg(any(test, feature = "test-utils"))]

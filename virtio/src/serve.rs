@@ -1,0 +1,370 @@
+//! Serving one virtqueue on the ring context that owns it: the I/O hot path.
+//!
+//! On a kick (or while the context busy-polls), every available chain is popped, parsed and
+//! submitted to the export's backend handle in one go; the ring hands the whole batch to the
+//! kernel in one `io_uring_enter` at the end of the turn. Completions write the status byte and
+//! add a used entry; the used index is published, and the guest signalled if it asked to be,
+//! once per loop turn (a deferred flush), not once per request.
+//!
+//! A request is in flight (`QueueServer::in_flight`) from `pop` until its used entry is added;
+//! stopping a queue (GET_VRING_BASE, disconnect) waits for that count to reach zero before the
+//! queue's memory may go away.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::blk::{self, Completion, RequestKind, S_IOERR, S_OK, S_UNSUPP, SECTOR_BYTES, Segment};
+use crate::config::RequestLimits;
+use crate::memory::{GuestBuffers, MemoryTable};
+use crate::queue::SplitQueue;
+use ringblk_blkgraph::{BackendHandle, BlockError, BlockResult, Request};
+use ringblk_ring::{Context, Group, PollerId, SourceId, buf, eventfd_write};
+
+/// The status byte for a block request's result: the one place block errors become virtio
+/// statuses (request-parsing errors go through [`blk::status`]).
+pub fn block_status(result: &BlockResult) -> u8 {
+    match result {
+        Ok(()) => S_OK,
+        Err(BlockError::NotSupported) => S_UNSUPP,
+        Err(_) => S_IOERR,
+    }
+}
+
+/// Everything a queue needs to start serving, sent to its context.
+pub(crate) struct QueueStart {
+    pub name: String,
+    pub queue: SplitQueue,
+    pub limits: RequestLimits,
+    pub handle: BackendHandle,
+    pub group: Group,
+    pub kick: File,
+    pub call: Option<File>,
+    pub device_id: [u8; 20],
+}
+
+struct QueueServer {
+    name: String,
+    queue: SplitQueue,
+    limits: RequestLimits,
+    handle: BackendHandle,
+    kick: File,
+    call: Option<File>,
+    device_id: [u8; 20],
+    source: Option<SourceId>,
+    poller: Option<PollerId>,
+    in_flight: usize,
+    flush_scheduled: bool,
+    /// The table whose fixed buffers this context registered for the queue, if it could.
+    fixed: bool,
+}
+
+type Server = Rc<RefCell<QueueServer>>;
+
+thread_local! {
+    /// The queues this context serves, by key.
+    static SERVERS: RefCell<HashMap<u64, Server>> = RefCell::new(HashMap::new());
+    /// Id of the memory table whose fixed buffers this context registered (one at a time).
+    static FIXED_TABLE: RefCell<Option<u64>> = const { RefCell::new(None) };
+}
+
+/// Starts serving a queue on the current context under `key`.
+pub(crate) fn start(key: u64, start: QueueStart) {
+    let ctx = Context::current();
+    let fixed = register_fixed(&ctx, start.queue.table());
+    let server = Rc::new(RefCell::new(QueueServer {
+        name: start.name,
+        queue: start.queue,
+        limits: start.limits,
+        handle: start.handle,
+        kick: start.kick,
+        call: start.call,
+        device_id: start.device_id,
+        source: None,
+        poller: None,
+        in_flight: 0,
+        flush_scheduled: false,
+        fixed,
+    }));
+    let fd = server.borrow().kick.as_raw_fd();
+    let s = server.clone();
+    let source = ctx.add_source(start.group, fd, move || {
+        process(&s);
+    });
+    let s = server.clone();
+    let poller = ctx.add_poller(start.group, move || process(&s));
+    {
+        let mut srv = server.borrow_mut();
+        srv.source = Some(source);
+        srv.poller = Some(poller);
+    }
+    SERVERS.with(|m| m.borrow_mut().insert(key, server.clone()));
+    // Chains made available before the kick fd was ours would otherwise wait for the next kick.
+    ctx.defer(move || {
+        process(&server);
+    });
+}
+
+/// Stops serving the queue `key`: no more pops; waits until every popped request has its used
+/// entry, publishes, and returns the next avail index (for GET_VRING_BASE).
+pub(crate) fn stop(key: u64) -> Option<u16> {
+    let server = SERVERS.with(|m| m.borrow_mut().remove(&key))?;
+    let ctx = Context::current();
+    {
+        let mut srv = server.borrow_mut();
+        if let Some(source) = srv.source.take() {
+            ctx.remove_source(source);
+        }
+        if let Some(poller) = srv.poller.take() {
+            ctx.remove_poller(poller);
+        }
+    }
+    ctx.run_until(|| server.borrow().in_flight == 0);
+    flush_used(&server);
+    let next_avail = server.borrow().queue.next_avail();
+    if SERVERS.with(|m| m.borrow().is_empty()) {
+        ctx.unregister_buffers();
+        FIXED_TABLE.with(|f| *f.borrow_mut() = None);
+    }
+    Some(next_avail)
+}
+
+/// Points a running queue at a new memory table (SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG).
+pub(crate) fn set_memory(key: u64, table: Arc<MemoryTable>) {
+    let Some(server) = SERVERS.with(|m| m.borrow().get(&key).cloned()) else {
+        return;
+    };
+    let ctx = Context::current();
+    let fixed = register_fixed(&ctx, &table);
+    let mut srv = server.borrow_mut();
+    if let Err(e) = srv.queue.set_memory(table) {
+        eprintln!(
+            "ringblk: {}: queue broken by the new memory table: {e}",
+            srv.name
+        );
+    }
+    srv.fixed = fixed;
+}
+
+/// Replaces a running queue's call eventfd (SET_VRING_CALL).
+pub(crate) fn set_call(key: u64, call: Option<File>) {
+    if let Some(server) = SERVERS.with(|m| m.borrow().get(&key).cloned()) {
+        server.borrow_mut().call = call;
+    }
+}
+
+fn register_fixed(ctx: &Context, table: &Arc<MemoryTable>) -> bool {
+    FIXED_TABLE.with(|f| {
+        let mut registered = f.borrow_mut();
+        if *registered == Some(table.id()) {
+            return true;
+        }
+        // One table per ring: a second export on the same context uses plain readv/writev.
+        let others = SERVERS.with(|m| m.borrow().values().any(|s| s.borrow().fixed));
+        if others {
+            return false;
+        }
+        let Some(iovecs) = table.fixed_buffer_iovecs() else { return false };
+        match ctx.register_buffers(&iovecs) {
+            Ok(()) => {
+                *registered = Some(table.id());
+                true
+            }
+            Err(e) => {
+                eprintln!("ringblk: cannot register guest memory as fixed buffers, using readv/writev: {e}");
+                *registered = None;
+                false
+            }
+        }
+    })
+}
+
+/// Pops and submits every available chain. Returns whether there was any.
+fn process(server: &Server) -> bool {
+    let mut progress = false;
+    loop {
+        let popped = {
+            let mut srv = server.borrow_mut();
+            if srv.queue.is_broken() {
+                return progress;
+            }
+            srv.queue.pop()
+        };
+        let chain = match popped {
+            Ok(Some(chain)) => chain,
+            Ok(None) => {
+                // Re-enable notifications and check once more, or a chain made available in
+                // between would wait for a kick that the guest decided not to send.
+                let mut srv = server.borrow_mut();
+                match srv.queue.enable_notification() {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        eprintln!("ringblk: {}: queue broken: {e}", srv.name);
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("ringblk: {}: queue broken: {e}", server.borrow().name);
+                break;
+            }
+        };
+        progress = true;
+        server.borrow_mut().in_flight += 1;
+        let limits = server.borrow().limits;
+        match blk::parse_request(&chain, &limits) {
+            Err(e) => {
+                eprintln!("ringblk: {}: {e}", server.borrow().name);
+                add_used(server, e.head(), 0);
+            }
+            Ok(request) => match request.body {
+                Err(e) => complete(server, request.completion, blk::status(&e)),
+                Ok(kind) => submit(server, kind, request.completion),
+            },
+        }
+    }
+    progress
+}
+
+fn submit(server: &Server, kind: RequestKind, completion: Completion) {
+    let handle = server.borrow().handle.clone();
+    let fixed = server.borrow().fixed;
+    let s = server.clone();
+    let done = move |result: BlockResult| complete(&s, completion, block_status(&result));
+    match kind {
+        RequestKind::In { sector, data } => {
+            let buf = Box::new(with_fixed(data, fixed));
+            handle.submit(
+                Request::Read {
+                    offset: sector * SECTOR_BYTES,
+                    buf,
+                },
+                Box::new(move |r, _| done(r)),
+            );
+        }
+        RequestKind::Out { sector, data } => {
+            let buf = Box::new(with_fixed(data, fixed));
+            handle.submit(
+                Request::Write {
+                    offset: sector * SECTOR_BYTES,
+                    buf,
+                },
+                Box::new(move |r, _| done(r)),
+            );
+        }
+        RequestKind::Flush => handle.submit(Request::Flush, Box::new(move |r, _| done(r))),
+        RequestKind::GetId { data } => {
+            let id = server.borrow().device_id;
+            buf::copy_in(&data, &id);
+            Context::current().defer(move || done(Ok(())));
+        }
+        RequestKind::Discard { segments } => submit_segments(&handle, segments, false, done),
+        RequestKind::WriteZeroes { segments } => submit_segments(&handle, segments, true, done),
+    }
+}
+
+/// Discard and write-zeroes: one block request per segment; the worst result wins.
+fn submit_segments(
+    handle: &BackendHandle,
+    segments: Vec<Segment>,
+    zeroes: bool,
+    done: impl FnOnce(BlockResult) + 'static,
+) {
+    struct Pending<F> {
+        left: usize,
+        result: BlockResult,
+        done: Option<F>,
+    }
+    if segments.is_empty() {
+        Context::current().defer(move || done(Ok(())));
+        return;
+    }
+    let pending = Rc::new(RefCell::new(Pending {
+        left: segments.len(),
+        result: Ok(()),
+        done: Some(done),
+    }));
+    for seg in segments {
+        let offset = seg.sector * SECTOR_BYTES;
+        let len = u64::from(seg.num_sectors) * SECTOR_BYTES;
+        let req = if zeroes {
+            Request::WriteZeroes {
+                offset,
+                len,
+                unmap: seg.unmap,
+            }
+        } else {
+            Request::Discard { offset, len }
+        };
+        let p = pending.clone();
+        handle.submit(
+            req,
+            Box::new(move |result, _| {
+                let mut p = p.borrow_mut();
+                if result.is_err() && p.result.is_ok() {
+                    p.result = result;
+                }
+                p.left -= 1;
+                if p.left == 0 {
+                    let result = std::mem::replace(&mut p.result, Ok(()));
+                    let done = p.done.take().expect("segments complete once");
+                    drop(p);
+                    done(result);
+                }
+            }),
+        );
+    }
+}
+
+fn with_fixed(mut data: GuestBuffers, fixed: bool) -> GuestBuffers {
+    if fixed {
+        // SAFETY: `fixed` is true only while this context has registered exactly
+        // `data.table()`'s fixed buffers (register_fixed compares table ids; set_memory
+        // re-registers before the queue sees the new table), and the registration is dropped
+        // only in `stop`, after every request of the queue has completed.
+        unsafe { data.assume_fixed_buffers_registered() };
+    }
+    data
+}
+
+fn complete(server: &Server, completion: Completion, status: u8) {
+    let (head, len) = completion.complete(status);
+    add_used(server, head, len);
+}
+
+fn add_used(server: &Server, head: u16, len: u32) {
+    let mut srv = server.borrow_mut();
+    srv.in_flight -= 1;
+    if let Err(e) = srv.queue.add_used(head, len) {
+        eprintln!("ringblk: {}: queue broken: {e}", srv.name);
+        return;
+    }
+    if !srv.flush_scheduled {
+        srv.flush_scheduled = true;
+        let s = server.clone();
+        Context::current().defer(move || flush_used(&s));
+    }
+}
+
+/// Publishes the used entries added since the last flush and signals the guest if it asked.
+fn flush_used(server: &Server) {
+    let mut srv = server.borrow_mut();
+    srv.flush_scheduled = false;
+    let notify = srv
+        .queue
+        .publish_used()
+        .and_then(|_| srv.queue.needs_notification());
+    match notify {
+        Ok(true) => {
+            if let Some(call) = &srv.call {
+                eventfd_write(call.as_raw_fd());
+            }
+        }
+        Ok(false) => {}
+        Err(e) => eprintln!("ringblk: {}: queue broken: {e}", srv.name),
+    }
+}
