@@ -118,8 +118,9 @@ pub enum CliItem {
 /// What the daemon is asked to run.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Config {
-    /// The defining options, in command-line order; references between them are resolved.
-    pub items: Vec<CliItem>,
+    /// The defining options, in command-line order, each with the text it was given as
+    /// (`--blockdev ARG`, for error messages); references between them are resolved.
+    pub items: Vec<(CliItem, String)>,
     /// `--pidfile` (the last one given).
     pub pidfile: Option<PathBuf>,
 }
@@ -319,7 +320,7 @@ where
                 registry
                     .add(&item)
                     .map_err(|e| item_error(ItemError::Conflict(e)))?;
-                items.push(item);
+                items.push((item, format!("{} {arg}", option.flag())));
             }
             Parsed::Print(text) => return Ok(Invocation::Print(text)),
         }
@@ -532,7 +533,7 @@ mod tests {
 
     fn items(args: &[&str]) -> Vec<CliItem> {
         match run(args).unwrap() {
-            Invocation::Run(config) => config.items,
+            Invocation::Run(config) => config.items.into_iter().map(|(item, _)| item).collect(),
             other => panic!("{other:?}"),
         }
     }

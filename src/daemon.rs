@@ -1,0 +1,273 @@
+//! The daemon's state on the main context: named nodes, iothreads and exports, and the
+//! operations the command line and QMP perform on them. Errors carry QMP's error classes and
+//! QSD's wording.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ringblk_blkgraph::file::{FileNode, FileOptions};
+use ringblk_blkgraph::null::{NullCo, NullOptions};
+use ringblk_blkgraph::{BackendHandle, Node, Request};
+use ringblk_ring::{Context, IoThread};
+use ringblk_virtio::{Export, ExportConfig};
+use serde_json::{Value, json};
+
+use crate::options::{
+    BlockdevDriver, BlockdevOptions, ExportKind, ExportOptions, ObjectOptions, ObjectProperties,
+    SocketAddress,
+};
+
+/// A failed operation, with the QMP error class it is reported with.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// QMP `GenericError`.
+    #[error("{0}")]
+    Generic(String),
+    /// QMP `DeviceNotFound`.
+    #[error("{0}")]
+    DeviceNotFound(String),
+}
+
+impl DaemonError {
+    /// The QMP error class.
+    pub fn class(&self) -> &'static str {
+        match self {
+            DaemonError::Generic(_) => "GenericError",
+            DaemonError::DeviceNotFound(_) => "DeviceNotFound",
+        }
+    }
+}
+
+fn generic(message: impl Into<String>) -> DaemonError {
+    DaemonError::Generic(message.into())
+}
+
+struct ExportEntry {
+    export: Export,
+    path: PathBuf,
+    iothread: Option<String>,
+}
+
+/// Everything the daemon serves. Lives on the main context.
+pub struct Daemon {
+    nodes: BTreeMap<String, Node>,
+    iothreads: BTreeMap<String, IoThread>,
+    exports: BTreeMap<String, ExportEntry>,
+}
+
+impl Daemon {
+    /// An empty daemon on the current (main) context.
+    pub fn new() -> Daemon {
+        Daemon {
+            nodes: BTreeMap::new(),
+            iothreads: BTreeMap::new(),
+            exports: BTreeMap::new(),
+        }
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Result<&Node, DaemonError> {
+        self.nodes.get(name).ok_or_else(|| {
+            DaemonError::DeviceNotFound(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
+        })
+    }
+
+    /// Registers a node built elsewhere (the mirror's filter is not named; targets are).
+    pub fn insert_node(&mut self, node: Node) {
+        self.nodes.insert(node.name().to_owned(), node);
+    }
+
+    /// `--blockdev` / `blockdev-add`.
+    pub fn add_blockdev(&mut self, options: &BlockdevOptions) -> Result<(), DaemonError> {
+        let name = &options.node_name;
+        if self.nodes.contains_key(name) {
+            return Err(generic(format!("Duplicate nodes with node-name='{name}'")));
+        }
+        let node = match &options.driver {
+            BlockdevDriver::File(file) => {
+                let open = FileOptions {
+                    filename: file.filename.clone(),
+                    read_only: options.read_only,
+                    direct: options.cache.direct,
+                };
+                Node::new(
+                    name.clone(),
+                    FileNode::open(&open).map_err(|e| generic(e.to_string()))?,
+                )
+            }
+            BlockdevDriver::NullCo(null) => {
+                let null = NullOptions {
+                    size: null.size,
+                    read_zeroes: null.read_zeroes,
+                    latency: Duration::from_nanos(null.latency_ns),
+                };
+                Node::new(name.clone(), NullCo::new(null))
+            }
+        };
+        self.nodes.insert(name.clone(), node);
+        Ok(())
+    }
+
+    /// `blockdev-del`.
+    pub fn del_blockdev(&mut self, name: &str) -> Result<(), DaemonError> {
+        let node = self
+            .nodes
+            .get(name)
+            .ok_or_else(|| generic(format!("Failed to find node with node-name='{name}'")))?;
+        if let Some(e) = self
+            .exports
+            .iter()
+            .find(|(_, e)| e.export.handle().root().same(node))
+        {
+            return Err(generic(format!(
+                "Node '{name}' is busy: block device is in use by block export '{}'",
+                e.0
+            )));
+        }
+        if node.has_users() {
+            return Err(generic(format!("Node '{name}' is busy: it is in use")));
+        }
+        self.nodes.remove(name);
+        Ok(())
+    }
+
+    /// `--object iothread` / `object-add`.
+    pub fn add_object(&mut self, options: &ObjectOptions) -> Result<(), DaemonError> {
+        let ObjectProperties::Iothread(props) = &options.properties;
+        if self.iothreads.contains_key(&options.id) {
+            return Err(generic(format!(
+                "attempt to add duplicate property '{}' to object (type 'container')",
+                options.id
+            )));
+        }
+        let thread = IoThread::spawn(&options.id, Duration::from_nanos(props.poll_max_ns))
+            .map_err(|e| generic(format!("iothread '{}': {e}", options.id)))?;
+        self.iothreads.insert(options.id.clone(), thread);
+        Ok(())
+    }
+
+    /// `--export` / `block-export-add`.
+    pub fn add_export(&mut self, options: &ExportOptions) -> Result<(), DaemonError> {
+        if self.exports.contains_key(&options.id) {
+            return Err(generic(format!(
+                "Block export id '{}' is already in use",
+                options.id
+            )));
+        }
+        let ExportKind::VhostUserBlk(vub) = &options.kind;
+        let SocketAddress::Unix(unix) = &vub.addr;
+        let node = self.node(&options.node_name)?.clone();
+        let rings = match &options.iothread {
+            Some(id) => {
+                let thread = self
+                    .iothreads
+                    .get(id)
+                    .ok_or_else(|| generic(format!("iothread \"{id}\" not found")))?;
+                vec![thread.remote().clone()]
+            }
+            None => vec![Context::current().remote()],
+        };
+        let logical_block_size = u32::try_from(vub.logical_block_size)
+            .map_err(|_| generic("logical-block-size is too large"))?;
+        let config = ExportConfig {
+            id: options.id.clone(),
+            path: unix.path.clone(),
+            writable: options.writable,
+            num_queues: vub.num_queues,
+            logical_block_size,
+        };
+        let export = Export::start(&config, BackendHandle::new(&node), rings)
+            .map_err(|e| generic(e.to_string()))?;
+        let entry = ExportEntry {
+            export,
+            path: unix.path.clone(),
+            iothread: options.iothread.clone(),
+        };
+        self.exports.insert(options.id.clone(), entry);
+        Ok(())
+    }
+
+    /// `block-export-del`: disconnects the frontend (its in-flight requests complete first).
+    pub fn del_export(&mut self, id: &str) -> Result<(), DaemonError> {
+        let entry = self
+            .exports
+            .remove(id)
+            .ok_or_else(|| generic(format!("Export '{id}' is not found")))?;
+        entry.export.stop(&entry.path);
+        Ok(())
+    }
+
+    /// The backend handles of the exports whose device sits on `node` (for the mirror's pivot).
+    pub fn handles_on(&self, node: &Node) -> Vec<BackendHandle> {
+        self.exports
+            .values()
+            .map(|e| e.export.handle().clone())
+            .filter(|h| h.root().same(node))
+            .collect()
+    }
+
+    /// `query-named-block-nodes`, in QSD's shape for the fields ringblk has.
+    pub fn query_named_block_nodes(&self) -> Value {
+        let nodes: Vec<Value> = self
+            .nodes
+            .values()
+            .map(|n| {
+                json!({
+                    "node-name": n.name(),
+                    "drv": n.driver_name(),
+                    "ro": n.read_only(),
+                    "file": n.name(),
+                    "image": { "filename": n.name(), "format": n.driver_name(), "virtual-size": n.size() },
+                    "encrypted": false,
+                    "detect_zeroes": "off",
+                    "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+                    "write_threshold": 0,
+                    "cache": { "writeback": true, "direct": false, "no-flush": false },
+                })
+            })
+            .collect();
+        Value::Array(nodes)
+    }
+
+    /// `query-block-exports`.
+    pub fn query_block_exports(&self) -> Value {
+        let exports: Vec<Value> = self
+            .exports
+            .iter()
+            .map(|(id, e)| {
+                let mut v = json!({
+                    "id": id,
+                    "type": "vhost-user-blk",
+                    "node-name": e.export.handle().root().name(),
+                    "shutting-down": false,
+                });
+                if let Some(t) = &e.iothread {
+                    v["iothread"] = json!(t);
+                }
+                v
+            })
+            .collect();
+        Value::Array(exports)
+    }
+
+    /// Clean shutdown: every export stops (its queues after their in-flight requests), every
+    /// node is flushed, then the iothreads stop.
+    pub fn shutdown(mut self) {
+        let ids: Vec<String> = self.exports.keys().cloned().collect();
+        for id in ids {
+            let _ = self.del_export(&id);
+        }
+        let ctx = Context::current();
+        for node in self.nodes.values() {
+            let done = std::rc::Rc::new(std::cell::Cell::new(false));
+            let d = done.clone();
+            node.submit(Request::Flush, Box::new(move |_, _| d.set(true)));
+            ctx.run_until(|| done.get());
+        }
+        self.nodes.clear();
+        self.iothreads.clear();
+    }
+}
