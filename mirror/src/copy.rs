@@ -55,13 +55,25 @@ impl Job {
                 }
                 self.cfg.buf_size - st.bytes_in_flight
             };
-            let Some(chunks) = self.claim_run(budget.min(self.cfg.op_bytes_max)) else {
+            let Some(chunks) = self.claim_run(budget.min(self.op_bytes_max())) else {
                 break;
             };
             self.issue(chunks, gate, now);
             issued += 1;
         }
         issued
+    }
+
+    /// The largest copy to issue now: under a speed limit, one slice's worth, so the limit
+    /// holds even for a single operation.
+    fn op_bytes_max(&self) -> u64 {
+        let speed = self.st.borrow().limit.speed();
+        if speed == 0 {
+            return self.cfg.op_bytes_max;
+        }
+        let slice = u64::try_from(u128::from(speed) * crate::ratelimit::SLICE.as_millis() / 1000)
+            .unwrap_or(u64::MAX);
+        slice.min(self.cfg.op_bytes_max)
     }
 
     /// Claims the first claimable dirty chunk at or after the cursor (wrapping) and the dirty,

@@ -205,8 +205,12 @@ impl Mirror {
         // The filter's wake-ups: an eventfd in a group of the job's own, never muted. The
         // handler defers the pump rather than running it: the pump may begin a drained section,
         // whose nested loop turns must not find this handler still running.
+        // The handler holds `shared`, so the eventfd stays open for as long as the ring polls it
+        // (also for a job dropped before it concluded, until its context is torn down).
         let weak = Rc::downgrade(&job);
+        let keep_open = job.shared.clone();
         let source_id = ctx.add_source(Group::new(), job.shared.wake_fd(), move || {
+            let _ = &keep_open;
             if let Some(job) = weak.upgrade() {
                 let ctx = job.ctx.clone();
                 ctx.defer(move || job.pump());
@@ -553,7 +557,7 @@ impl Job {
                 self.arm_timer(at - Instant::now());
                 return;
             }
-            return self.begin_final_sync();
+            return self.defer_drain(Job::begin_final_sync);
         }
         self.issue_copies(crate::copy::Gate::Open);
         self.check_ready();
@@ -718,18 +722,32 @@ impl Job {
             return;
         }
         let held = self.st.borrow_mut().drained.take();
-        let drained = match held {
-            Some(d) => d,
-            None => {
-                self.st.borrow_mut().phase = Phase::Draining;
-                drained_begin(&self.filter)
-            }
-        };
+        match held {
+            Some(drained) => self.remove_filter(drained),
+            None => self.defer_drain(|job| {
+                let drained = drained_begin(&job.filter);
+                job.remove_filter(drained);
+            }),
+        }
+    }
+
+    /// Inside a drained section of the filter: the devices go back to the source.
+    fn remove_filter(self: &Rc<Self>, drained: Drained) {
         for handle in self.filter.handles() {
             handle.replace(&self.source);
         }
         drop(drained);
         self.finish();
+    }
+
+    /// Runs `step`, which begins a drained section, from a deferred callback. Never from where
+    /// the pump usually runs: inside the completion of one of the job's own requests, which
+    /// its node counts in flight until the callback returns, so the drain would wait for
+    /// itself. Pumps meanwhile do nothing (phase `Draining`).
+    pub(crate) fn defer_drain(self: &Rc<Self>, step: fn(&Rc<Job>)) {
+        self.st.borrow_mut().phase = Phase::Draining;
+        let job = self.clone();
+        self.ctx.defer(move || step(&job));
     }
 
     /// The end: events, CONCLUDED, and NULL unless dismissal is manual.
@@ -775,17 +793,5 @@ impl Job {
             chunk = found + 1;
         }
         false
-    }
-}
-
-impl Drop for Job {
-    /// A job dropped before it concluded still unregisters its wake-up source, if its context
-    /// is still running on this thread. (The eventfd lives in `shared`, which the filter may
-    /// hold for longer: the fd stays valid for as long as anybody can write it.)
-    fn drop(&mut self) {
-        let live = Context::try_current().is_some_and(|c| c.id() == self.ctx.id());
-        if let (Some(id), true) = (self.wake_source.take(), live) {
-            self.ctx.remove_source(id);
-        }
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! Order, each step starting only when the previous one is done:
 //! 1. no new copies; wait until the copies in flight have completed (the guest still runs);
-//! 2. `drained_begin(filter)`: mutes every device above the filter on every ring that serves it
+//! 2. from a deferred callback (never inside one of the job's own completions, which the node
+//!    still counts in flight), `drained_begin(filter)`: mutes every device above the filter on
+//!    every ring that serves it
 //!    (acknowledged), raises the gates of filter and source and runs loop turns until nothing
 //!    is in flight in them. From here no guest request can reach the filter;
 //! 3. copy what is still dirty, past the gate (`submit_drained`: the job must not wait for its
@@ -27,9 +29,8 @@ use crate::job::{Goal, Job, Phase, RETRY_DELAY};
 use crate::status::ErrorAction;
 
 impl Job {
-    /// Step 2. Called by the pump with no copy in flight.
+    /// Step 2. Deferred by the pump once no copy is in flight (see `Job::defer_drain`).
     pub(crate) fn begin_final_sync(self: &Rc<Self>) {
-        self.st.borrow_mut().phase = Phase::Draining;
         let drained = drained_begin(&self.filter);
         {
             let mut st = self.st.borrow_mut();

@@ -16,6 +16,9 @@
 //! (the write must land on the target and read back through the handle) and with the mute
 //! disabled (the same write must be lost, and the integrity check must say so).
 
+// Test disks are a few MiB: every index and offset fits every integer type used here.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -41,7 +44,7 @@ enum Topology {
 }
 
 struct Outcome {
-    lost: Vec<(u64, u64, Option<u64>)>,
+    lost: Vec<Lost>,
     /// The root the racing write was dispatched against.
     dispatched_against: Vec<String>,
     /// Whether the device had dispatched the racing write when the pivot callback began.

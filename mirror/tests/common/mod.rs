@@ -216,6 +216,10 @@ impl Events {
     }
 }
 
+/// A block that does not read back its latest acknowledged write:
+/// `(block, acknowledged generation, generation found)`.
+pub type Lost = (u64, u64, Option<u64>);
+
 /// One guest write: a stamped block.
 #[derive(Clone, Copy, Debug)]
 pub struct GuestWrite {
@@ -312,17 +316,20 @@ impl Device {
             let Some(w) = self.state.queue.lock().unwrap().pop_front() else {
                 break;
             };
-            self.state.dispatched.fetch_add(1, Ordering::SeqCst);
-            let root = self.handle.root().name().to_owned();
-            self.state.roots.lock().unwrap().push((w.block, root));
+            // What `BackendHandle::submit` does, with the root it used recorded; the request
+            // counts as dispatched once it is submitted.
+            let root = self.handle.root();
             let me = self.clone();
-            self.handle.submit(
+            root.submit(
                 Request::Write {
                     offset: w.block * BLOCK,
                     buf: Box::new(OwnedBuf::from_vec(stamp(w.block, w.generation))),
                 },
                 Box::new(move |result, _| me.on_complete(w, result)),
             );
+            let name = root.name().to_owned();
+            self.state.roots.lock().unwrap().push((w.block, name));
+            self.state.dispatched.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -423,8 +430,8 @@ impl Device {
     }
 
     /// Reads every block through the handle (on the main context) and returns the blocks
-    /// whose content is not the latest acknowledged generation: `(block, expected, found)`.
-    pub fn lost_writes(&self, ctx: &Context) -> Vec<(u64, u64, Option<u64>)> {
+    /// whose content is not the latest acknowledged generation.
+    pub fn lost_writes(&self, ctx: &Context) -> Vec<Lost> {
         let acked = self.state.model.lock().unwrap().acked.clone();
         let results: Rc<RefCell<Vec<Option<Vec<u8>>>>> =
             Rc::new(RefCell::new(vec![None; acked.len()]));
