@@ -7,6 +7,7 @@
 
 mod cli;
 mod daemon;
+mod demo;
 mod keyval;
 mod options;
 
@@ -27,10 +28,7 @@ fn main() -> ExitCode {
             print!("{text}");
             ExitCode::SUCCESS
         }
-        Ok(Invocation::Demo(_args)) => {
-            eprintln!("ringblk: demo: not available yet");
-            ExitCode::FAILURE
-        }
+        Ok(Invocation::Demo(args)) => demo::run(&args),
         Ok(Invocation::Run(config)) => run(config),
         Err(e) => {
             eprintln!("ringblk: {e}");
@@ -99,11 +97,11 @@ fn serve(ctx: &Context, stop_signals: &SigSet, pidfile: Option<&Path>) -> ExitCo
                 return ExitCode::FAILURE;
             }
         };
-    if let Some(path) = pidfile {
-        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
-            eprintln!("ringblk: cannot write pid file '{}': {e}", path.display());
-            return ExitCode::FAILURE;
-        }
+    if let Some(path) = pidfile
+        && let Err(e) = std::fs::write(path, format!("{}\n", std::process::id()))
+    {
+        eprintln!("ringblk: cannot write pid file '{}': {e}", path.display());
+        return ExitCode::FAILURE;
     }
     let remote = ctx.remote();
     let fd = signals.as_raw_fd();
