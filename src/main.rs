@@ -22,6 +22,9 @@ use ringblk_ring::{Context, Group};
 use crate::cli::{CliItem, Config, Invocation};
 use crate::daemon::Daemon;
 
+/// How long the main context busy-polls before sleeping: QSD's default `poll-max-ns`.
+const MAIN_POLL_MAX: std::time::Duration = std::time::Duration::from_nanos(32768);
+
 fn main() -> ExitCode {
     match cli::parse(std::env::args_os()) {
         Ok(Invocation::Print(text)) => {
@@ -55,6 +58,9 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The main context serves the exports that name no iothread: it polls like an iothread
+    // with QSD's default poll-max-ns before it sleeps.
+    ctx.set_poll_max(MAIN_POLL_MAX);
     let mut daemon = Daemon::new();
     let started = start(&mut daemon, &config);
     let code = match started {

@@ -84,9 +84,27 @@ struct Source {
     removed: bool,
 }
 
-struct Poller {
+/// Work the loop looks for while it busy-polls (see [`Context::set_poll_max`]).
+pub trait Poller: 'static {
+    /// Looks for work and does it; returns whether there was any.
+    fn poll(&mut self) -> bool;
+
+    /// The loop stops polling and is about to sleep: re-enable the notifications that polling
+    /// made unnecessary. Returns whether work turned up meanwhile (then the loop does not sleep).
+    fn before_sleep(&mut self) -> bool {
+        false
+    }
+}
+
+impl<F: FnMut() -> bool + 'static> Poller for F {
+    fn poll(&mut self) -> bool {
+        self()
+    }
+}
+
+struct PollerSlot {
     group: Group,
-    poll: Rc<RefCell<dyn FnMut() -> bool>>,
+    poller: Rc<RefCell<dyn Poller>>,
 }
 
 struct Inner {
@@ -100,7 +118,7 @@ struct Inner {
     deferred_spare: RefCell<VecDeque<Box<dyn FnOnce()>>>,
     sources: RefCell<Vec<Option<Source>>>,
     mutes: RefCell<HashMap<Group, u32>>,
-    pollers: RefCell<Vec<Option<Poller>>>,
+    pollers: RefCell<Vec<Option<PollerSlot>>>,
     poll_max: Cell<Duration>,
     shared: Arc<Shared>,
     rx: Receiver<RemoteTask>,
@@ -324,13 +342,13 @@ impl Context {
         self.0.mutes.borrow().contains_key(&group)
     }
 
-    /// Registers a function the loop calls while it busy-polls (see [`Context::set_poll_max`]);
-    /// it returns whether it found work. Skipped while its group is muted.
-    pub fn add_poller(&self, group: Group, poll: impl FnMut() -> bool + 'static) -> PollerId {
+    /// Registers a poller the loop runs while it busy-polls (see [`Context::set_poll_max`]) and
+    /// tells before it sleeps. Skipped while its group is muted.
+    pub fn add_poller(&self, group: Group, poller: impl Poller) -> PollerId {
         let mut pollers = self.0.pollers.borrow_mut();
-        pollers.push(Some(Poller {
+        pollers.push(Some(PollerSlot {
             group,
-            poll: Rc::new(RefCell::new(poll)),
+            poller: Rc::new(RefCell::new(poller)),
         }));
         PollerId(pollers.len() - 1)
     }
@@ -562,6 +580,10 @@ impl Context {
             self.flush_or_panic();
             return false;
         }
+        if !self.0.poll_max.get().is_zero() && self.each_poller(|p| p.before_sleep()) {
+            self.flush_or_panic();
+            return true;
+        }
         self.sleep(wait);
         let progress = self.reap();
         self.flush_or_panic();
@@ -628,21 +650,31 @@ impl Context {
         !ring.completion().is_empty()
     }
 
-    fn run_pollers(&self) -> bool {
-        let active: Vec<_> = self
-            .0
-            .pollers
-            .borrow()
-            .iter()
-            .flatten()
-            .filter(|p| !self.is_muted(p.group))
-            .map(|p| p.poll.clone())
-            .collect();
+    /// Calls `f` on every poller whose group is not muted; returns whether any returned true.
+    /// Pollers may add or remove pollers meanwhile: the slots are read one at a time.
+    fn each_poller(&self, f: impl Fn(&mut dyn Poller) -> bool) -> bool {
         let mut progress = false;
-        for poll in active {
-            progress |= (poll.borrow_mut())();
+        let mut index = 0;
+        loop {
+            let poller = {
+                let pollers = self.0.pollers.borrow();
+                let Some(slot) = pollers.get(index) else {
+                    break;
+                };
+                slot.as_ref()
+                    .filter(|p| !self.is_muted(p.group))
+                    .map(|p| p.poller.clone())
+            };
+            if let Some(poller) = poller {
+                progress |= f(&mut *poller.borrow_mut());
+            }
+            index += 1;
         }
         progress
+    }
+
+    fn run_pollers(&self) -> bool {
+        self.each_poller(|p| p.poll())
     }
 
     fn sleep(&self, wait: Wait) {

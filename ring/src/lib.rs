@@ -34,7 +34,7 @@ mod op;
 mod remote;
 mod thread;
 
-pub use context::{Context, Done, PollerId, Rejected, SourceId, Wait};
+pub use context::{Context, Done, Poller, PollerId, Rejected, SourceId, Wait};
 pub use inflight::InFlight;
 pub use op::{Fallocate, Op};
 pub use remote::{Remote, Sleep};

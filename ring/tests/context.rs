@@ -541,3 +541,51 @@ fn fd_source_is_left_for_its_handler_to_consume() {
         );
     });
 }
+
+/// Counts its calls; its `before_sleep` reports work once, as if a kick raced the sleep.
+struct RacingPoller {
+    polls: Rc<Cell<u32>>,
+    before_sleeps: Rc<Cell<u32>>,
+}
+
+impl ringblk_ring::Poller for RacingPoller {
+    fn poll(&mut self) -> bool {
+        self.polls.set(self.polls.get() + 1);
+        false
+    }
+    fn before_sleep(&mut self) -> bool {
+        self.before_sleeps.set(self.before_sleeps.get() + 1);
+        self.before_sleeps.get() == 1
+    }
+}
+
+#[test]
+fn poller_is_told_before_the_loop_sleeps_and_work_found_then_prevents_the_sleep() {
+    on_context(|ctx| {
+        ctx.set_poll_max(Duration::from_micros(100));
+        let (polls, before_sleeps) = (Rc::new(Cell::new(0)), Rc::new(Cell::new(0)));
+        ctx.add_poller(
+            Group::new(),
+            RacingPoller {
+                polls: polls.clone(),
+                before_sleeps: before_sleeps.clone(),
+            },
+        );
+        let start = std::time::Instant::now();
+        assert!(
+            ctx.turn(Wait::For(Duration::from_secs(5))),
+            "work found before sleeping counts as progress"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "the loop must not have slept"
+        );
+        assert!(polls.get() > 0);
+        assert_eq!(before_sleeps.get(), 1);
+        assert!(
+            !ctx.turn(Wait::For(Duration::from_millis(20))),
+            "nothing to do: it sleeps the full wait"
+        );
+        assert_eq!(before_sleeps.get(), 2);
+    });
+}

@@ -94,8 +94,7 @@ pub(crate) fn start(key: u64, start: QueueStart) {
     let source = ctx.add_source(start.group, fd, move || {
         process(&s);
     });
-    let s = server.clone();
-    let poller = ctx.add_poller(start.group, move || process(&s));
+    let poller = ctx.add_poller(start.group, QueuePoller(server.clone()));
     {
         let mut srv = server.borrow_mut();
         srv.source = Some(source);
@@ -182,8 +181,52 @@ fn register_fixed(ctx: &Context, table: &Arc<MemoryTable>) -> bool {
     })
 }
 
-/// Pops and submits every available chain. Returns whether there was any.
+/// While its context busy-polls, a queue is polled with the guest's kicks suppressed (a kick
+/// would only wake a context that is awake anyway); they are re-enabled before it sleeps.
+struct QueuePoller(Server);
+
+impl ringblk_ring::Poller for QueuePoller {
+    fn poll(&mut self) -> bool {
+        let progress = process_chains(&self.0);
+        let mut srv = self.0.borrow_mut();
+        if !srv.queue.is_broken()
+            && let Err(e) = srv.queue.disable_notification()
+        {
+            eprintln!("ringblk: {}: queue broken: {e}", srv.name);
+        }
+        progress
+    }
+
+    fn before_sleep(&mut self) -> bool {
+        process(&self.0)
+    }
+}
+
+/// Pops and submits every available chain, then re-enables the guest's notifications (with the
+/// re-check that catches a chain added meanwhile). Returns whether there was any.
 fn process(server: &Server) -> bool {
+    let mut progress = false;
+    loop {
+        progress |= process_chains(server);
+        let mut srv = server.borrow_mut();
+        if srv.queue.is_broken() {
+            return progress;
+        }
+        // Re-enable notifications and check once more, or a chain made available in between
+        // would wait for a kick that the guest decided not to send.
+        match srv.queue.enable_notification() {
+            Ok(true) => continue,
+            Ok(false) => return progress,
+            Err(e) => {
+                eprintln!("ringblk: {}: queue broken: {e}", srv.name);
+                return progress;
+            }
+        }
+    }
+}
+
+/// Pops and submits every available chain. Returns whether there was any.
+fn process_chains(server: &Server) -> bool {
     let mut progress = false;
     loop {
         let popped = {
@@ -195,19 +238,7 @@ fn process(server: &Server) -> bool {
         };
         let chain = match popped {
             Ok(Some(chain)) => chain,
-            Ok(None) => {
-                // Re-enable notifications and check once more, or a chain made available in
-                // between would wait for a kick that the guest decided not to send.
-                let mut srv = server.borrow_mut();
-                match srv.queue.enable_notification() {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        eprintln!("ringblk: {}: queue broken: {e}", srv.name);
-                        break;
-                    }
-                }
-            }
+            Ok(None) => break,
             Err(e) => {
                 eprintln!("ringblk: {}: queue broken: {e}", server.borrow().name);
                 break;

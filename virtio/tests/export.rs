@@ -11,6 +11,10 @@ use ringblk_blkgraph::{BackendHandle, Node};
 use ringblk_ring::{Context, IoThread, Remote};
 use ringblk_virtio::{Export, ExportConfig};
 
+/// The iothreads poll like production ones (QSD's default poll-max-ns), so the queues run in
+/// polling mode with the guest's kicks suppressed, then fall back to kicks before sleeping.
+const POLL_MAX: Duration = Duration::from_nanos(32768);
+
 /// A daemon in miniature: a main context serving one export, queues on `iothreads` threads
 /// (or on the main context when 0). Stopped and joined on drop.
 struct Daemon {
@@ -34,7 +38,7 @@ impl Daemon {
         let thread = std::thread::spawn(move || {
             let ctx = Context::new(256).unwrap();
             let threads: Vec<IoThread> = (0..iothreads)
-                .map(|i| IoThread::spawn(&format!("iot{i}"), Duration::ZERO).unwrap())
+                .map(|i| IoThread::spawn(&format!("iot{i}"), POLL_MAX).unwrap())
                 .collect();
             let rings = if threads.is_empty() {
                 vec![ctx.remote()]
