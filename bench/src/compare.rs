@@ -5,6 +5,7 @@
 //! open at once (QEMU's image locking would refuse that) and every run starts from the same state.
 
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -389,7 +390,17 @@ impl Daemon {
             "type=vhost-user-blk,id=e,node-name={node},addr.type=unix,addr.path={},writable=on",
             socket.display()
         );
-        let child = Command::new("taskset")
+        let mut command = Command::new("taskset");
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+        // which is async-signal-safe; it touches no memory shared with the parent.
+        unsafe {
+            command.pre_exec(|| {
+                // The daemon dies with us, even if we are killed (taskset and the daemon keep
+                // the setting across exec).
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let child = command
             .arg("-c")
             .arg(cpu.to_string())
             .args(&side.cmd)

@@ -229,10 +229,8 @@ fn verify_with_two_threads_splits_the_region_between_two_queues() {
     let dir = Scratch::new("verify2");
     let image = dir.image(16 << 20);
     let d = Qsd::file_with(&qsd, &dir, &image, ",num-queues=2");
-    let job = Job::parse(
-        "[v]\nrw=randwrite\nbs=4k\niodepth=8\nnumjobs=2\nsize=4m\nverify=1\n",
-    )
-    .unwrap();
+    let job =
+        Job::parse("[v]\nrw=randwrite\nbs=4k\niodepth=8\nnumjobs=2\nsize=4m\nverify=1\n").unwrap();
     let r = run_job(&d.socket, &job, &quiet()).unwrap();
     // Each thread writes its own half once; the final pass reads all 1024 blocks.
     assert_eq!(r.write.ios, 1024, "{r}");
@@ -244,7 +242,10 @@ fn verify_with_two_threads_splits_the_region_between_two_queues() {
     for block in [0u64, 511, 512, 1023] {
         img.read_exact_at(&mut head, block * 4096).unwrap();
         assert_eq!(&head[..8], b"RBLKVFY1");
-        assert_eq!(u64::from_le_bytes(head[8..16].try_into().unwrap()), block * 4096);
+        assert_eq!(
+            u64::from_le_bytes(head[8..16].try_into().unwrap()),
+            block * 4096
+        );
     }
 }
 
