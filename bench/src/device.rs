@@ -6,8 +6,10 @@
 //! GET_VRING_BASE per started queue when the connection is dropped (stops the rings).
 
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
@@ -69,6 +71,29 @@ pub(crate) struct Connection {
     started: usize,
 }
 
+/// Longest wait for a vhost-user reply.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connects, retrying for a moment while the daemon is not listening yet.
+fn connect_stream(socket: &Path) -> Result<UnixStream, Error> {
+    let mut attempts = 0;
+    loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && attempts < 10 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(source) => {
+                return Err(Error::Io {
+                    context: "connecting to the vhost-user socket",
+                    source,
+                });
+            }
+        }
+    }
+}
+
 fn vhost_err(step: &'static str) -> impl FnOnce(vhost::Error) -> Error {
     move |source| Error::Vhost { step, source }
 }
@@ -80,7 +105,16 @@ fn bit(n: u32) -> u64 {
 impl Connection {
     /// Connects and negotiates features; reads the device configuration.
     pub(crate) fn connect(socket: &Path) -> Result<Connection, Error> {
-        let mut fe = Frontend::connect(socket, 1).map_err(vhost_err("connect"))?;
+        let stream = connect_stream(socket)?;
+        // A daemon that stops answering fails the handshake instead of hanging it.
+        stream
+            .set_read_timeout(Some(MESSAGE_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(MESSAGE_TIMEOUT)))
+            .map_err(|source| Error::Io {
+                context: "socket timeouts",
+                source,
+            })?;
+        let mut fe = Frontend::from_stream(stream, 1);
         let offered = fe.get_features().map_err(vhost_err("GET_FEATURES"))?;
         let required = bit(VIRTIO_F_VERSION_1) | F_PROTOCOL_FEATURES;
         if offered & required != required {
