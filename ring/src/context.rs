@@ -2,7 +2,8 @@
 //!
 //! A loop turn runs, in this order: the deferred callbacks queued before the turn began, the
 //! callbacks posted by other threads, and the completions the kernel has posted. If none of those
-//! did anything, the context polls (pollers and the completion queue) for up to `poll_max_ns`,
+//! did anything, the context polls (pollers and the completion queue) for its poll window, which
+//! adapts between zero and `poll_max` like QEMU's adaptive polling,
 //! then sleeps in `io_uring_enter` until a completion arrives. External sources are polled with
 //! single-shot POLL_ADD ops that are re-armed after each dispatch, which makes them level-triggered.
 
@@ -120,6 +121,8 @@ struct Inner {
     mutes: RefCell<HashMap<Group, u32>>,
     pollers: RefCell<Vec<Option<PollerSlot>>>,
     poll_max: Cell<Duration>,
+    /// The current busy-poll window, adapted between zero and `poll_max`.
+    poll_window: Cell<Duration>,
     shared: Arc<Shared>,
     rx: Receiver<RemoteTask>,
     wake_armed: Cell<bool>,
@@ -170,6 +173,7 @@ impl Context {
             mutes: RefCell::new(HashMap::new()),
             pollers: RefCell::new(Vec::new()),
             poll_max: Cell::new(Duration::ZERO),
+            poll_window: Cell::new(Duration::ZERO),
             shared,
             rx,
             wake_armed: Cell::new(false),
@@ -203,6 +207,14 @@ impl Context {
     /// Sets how long the loop busy-polls after its last activity before sleeping (0 disables).
     pub fn set_poll_max(&self, poll_max: Duration) {
         self.0.poll_max.set(poll_max);
+        self.0
+            .poll_window
+            .set(self.0.poll_window.get().min(poll_max));
+    }
+
+    /// The current busy-poll window (adapted between zero and the poll maximum).
+    pub fn poll_window(&self) -> Duration {
+        self.0.poll_window.get()
     }
 
     /// Runs `f` at a later loop turn of this context, never inline.
@@ -584,8 +596,12 @@ impl Context {
             self.flush_or_panic();
             return true;
         }
+        let slept_from = Instant::now();
         self.sleep(wait);
         let progress = self.reap();
+        if progress && !self.0.poll_max.get().is_zero() {
+            self.adapt_poll_window(slept_from.elapsed());
+        }
         self.flush_or_panic();
         progress
     }
@@ -624,21 +640,38 @@ impl Context {
         progress | self.reap()
     }
 
+    /// Polls for work for the current window (at least one pass when polling is on).
     fn busy_poll(&self) -> bool {
-        let poll_max = self.0.poll_max.get();
-        if poll_max.is_zero() {
+        if self.0.poll_max.get().is_zero() {
             return false;
         }
+        let window = self.0.poll_window.get();
         let start = Instant::now();
         loop {
             if self.run_pollers() || self.completions_ready() || !self.0.rx.is_empty() {
                 return self.dispatch_ready() | true;
             }
-            if start.elapsed() >= poll_max {
+            if start.elapsed() >= window {
                 return false;
             }
             std::hint::spin_loop();
         }
+    }
+
+    /// Adapts the poll window after a sleep of `slept`, as QEMU's adaptive polling does: an
+    /// event that came within `poll_max` would have been caught by polling, so the window grows
+    /// (doubling from 4 us up to `poll_max`); one that came later means polling only burns CPU
+    /// at this rate, so the window drops to zero.
+    fn adapt_poll_window(&self, slept: Duration) {
+        let poll_max = self.0.poll_max.get();
+        let window = if slept < poll_max {
+            (self.0.poll_window.get() * 2)
+                .max(POLL_WINDOW_MIN)
+                .min(poll_max)
+        } else {
+            Duration::ZERO
+        };
+        self.0.poll_window.set(window);
     }
 
     fn completions_ready(&self) -> bool {
@@ -797,6 +830,9 @@ impl Drop for Inner {
         }
     }
 }
+
+/// The smallest nonzero busy-poll window.
+const POLL_WINDOW_MIN: Duration = Duration::from_micros(4);
 
 /// User data of cancel entries pushed during drop: matches no slot.
 const CANCEL_USER_DATA: u64 = u64::MAX;

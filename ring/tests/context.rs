@@ -589,3 +589,39 @@ fn poller_is_told_before_the_loop_sleeps_and_work_found_then_prevents_the_sleep(
         assert_eq!(before_sleeps.get(), 2);
     });
 }
+
+fn sleep_until_timer(ctx: &Context, after: Duration) {
+    let fired = Rc::new(Cell::new(false));
+    let f = fired.clone();
+    ctx.submit(Op::timeout(after), move |_, _| f.set(true))
+        .map_err(|r| r.error)
+        .unwrap();
+    while !fired.get() {
+        ctx.turn(Wait::Forever);
+    }
+}
+
+#[test]
+fn poll_window_grows_when_events_come_quickly_and_drops_when_they_come_slowly() {
+    on_context(|ctx| {
+        ctx.set_poll_max(Duration::from_millis(2));
+        assert_eq!(ctx.poll_window(), Duration::ZERO);
+        sleep_until_timer(ctx, Duration::from_micros(20));
+        let grown = ctx.poll_window();
+        assert!(
+            grown > Duration::ZERO,
+            "an event within poll_max grows the window"
+        );
+        sleep_until_timer(ctx, Duration::from_micros(20));
+        assert!(
+            ctx.poll_window() > grown,
+            "and keeps growing while events keep coming quickly"
+        );
+        sleep_until_timer(ctx, Duration::from_millis(30));
+        assert_eq!(
+            ctx.poll_window(),
+            Duration::ZERO,
+            "an event after poll_max drops it to zero"
+        );
+    });
+}
