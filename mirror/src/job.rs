@@ -1,4 +1,4 @@
-//! The job: its state, the commands the QMP layer calls, and the pump that drives it.
+//! The job: its state, and the pump that drives it (the commands are in [`crate::command`]).
 //!
 //! The job lives on the main context and never blocks it, except inside `drained_begin`
 //! (which runs loop turns until the source is idle). It advances whenever something happens:
@@ -22,16 +22,16 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use ringblk_blkgraph::{Drained, Node, drained_begin};
-use ringblk_ring::{Context, Group, Op, SourceId};
+use ringblk_ring::{Context, Op, SourceId};
 
-use crate::bitmap::DirtyBitmap;
 use crate::error::MirrorError;
-use crate::filter::{MirrorTop, Shared};
-use crate::options::{CopyMode, MirrorOptions, OP_BYTES_MAX, OnError};
+use crate::filter::Shared;
+use crate::options::{CopyMode, OnError};
 use crate::ratelimit::RateLimit;
-use crate::status::{
-    ErrorAction, IoOperation, IoStatus, JobEvent, JobInfo, JobProgress, JobStatus, Verb,
-};
+use crate::status::{ErrorAction, IoOperation, IoStatus, JobEvent, JobProgress, JobStatus, Verb};
+
+/// Copy buffers an idle job keeps.
+const IDLE_POOL_BYTES: u64 = 2 << 20;
 
 /// How long an ignored error keeps the job from retrying.
 pub(crate) const RETRY_DELAY: Duration = Duration::from_millis(10);
@@ -102,352 +102,11 @@ pub(crate) struct Job {
     pub(crate) filter: Node,
     pub(crate) shared: Arc<Shared>,
     pub(crate) cfg: Config,
-    events: Option<Sender<JobEvent>>,
+    pub(crate) events: Option<Sender<JobEvent>>,
     pub(crate) st: RefCell<State>,
-    wake_source: Cell<Option<SourceId>>,
+    pub(crate) wake_source: Cell<Option<SourceId>>,
     pub(crate) pool: RefCell<Vec<Vec<u8>>>,
     pub(crate) pivot_hook: RefCell<Option<Box<dyn FnOnce()>>>,
-}
-
-/// A mirror job (QEMU's `blockdev-mirror` with `sync=full`), driven on the main context.
-///
-/// Cheap to clone; every method must be called on the context that created it.
-#[derive(Clone)]
-pub struct Mirror(pub(crate) Rc<Job>);
-
-impl Mirror {
-    /// Creates the job (status CREATED): checks the options, puts the `mirror_top` filter above
-    /// `source` (every backend handle on `source` moves to the filter inside a drained section
-    /// of `source`) and starts tracking guest writes. Copying begins with [`Mirror::start`].
-    ///
-    /// Events go to `events` in the order they happen. Call on the main context.
-    pub fn create(
-        source: &Node,
-        target: &Node,
-        options: MirrorOptions,
-        events: Option<Sender<JobEvent>>,
-    ) -> Result<Mirror, MirrorError> {
-        let buf_size = options.validate()?;
-        let invalid = |m: &str| Err(MirrorError::InvalidParameter(m.to_owned()));
-        if source.same(target) {
-            return invalid("Can't mirror node into itself");
-        }
-        if target.read_only() {
-            return invalid("Target is read-only");
-        }
-        if source.size() != target.size() {
-            return invalid("Source and target image have different sizes");
-        }
-        let Some(ctx) = Context::try_current() else {
-            return invalid("A mirror job must be created on a ring context");
-        };
-        let size = source.size();
-        let g = options.granularity;
-        let dirty = DirtyBitmap::new(size, g);
-        dirty.set(0..dirty.chunks()); // sync=full: everything is to be copied
-        let target_zero = DirtyBitmap::new(size, g);
-        if options.target_is_zero {
-            target_zero.set(0..target_zero.chunks());
-        }
-        let write_blocking = options.copy_mode == CopyMode::WriteBlocking;
-        let shared = Shared::new(dirty, target_zero, write_blocking)
-            .map_err(|e| MirrorError::InvalidParameter(format!("eventfd: {e}")))?;
-        let shared = Arc::new(shared);
-        let filter = Node::new(
-            format!("{}-mirror-top", options.job_id),
-            MirrorTop::new(source.clone(), target.clone(), shared.clone()),
-        );
-        insert_above(source, &filter);
-        let job = Rc::new(Job {
-            id: options.job_id.clone(),
-            ctx: ctx.clone(),
-            source: source.clone(),
-            target: target.clone(),
-            filter,
-            shared,
-            cfg: Config {
-                buf_size,
-                op_bytes_max: OP_BYTES_MAX.min(buf_size).max(g),
-                on_source_error: options.on_source_error,
-                on_target_error: options.on_target_error,
-                auto_finalize: options.auto_finalize,
-                auto_dismiss: options.auto_dismiss,
-                unmap: options.unmap,
-            },
-            events,
-            st: RefCell::new(State {
-                status: JobStatus::Created,
-                phase: Phase::Created,
-                started: false,
-                user_paused: false,
-                io_status: IoStatus::Ok,
-                limit: RateLimit::new(options.speed),
-                timer_armed: false,
-                retry_at: None,
-                cursor: 0,
-                ops: 0,
-                bytes_in_flight: 0,
-                offset: 0,
-                copy_mode: options.copy_mode,
-                goal: None,
-                finalizing: false,
-                cancelled: false,
-                error: None,
-                final_sync_error: None,
-                flushed: false,
-                drained: None,
-                actively_synced: false,
-            }),
-            wake_source: Cell::new(None),
-            pool: RefCell::new(Vec::new()),
-            pivot_hook: RefCell::new(None),
-        });
-        // The filter's wake-ups: an eventfd in a group of the job's own, never muted. The
-        // handler defers the pump rather than running it: the pump may begin a drained section,
-        // whose nested loop turns must not find this handler still running.
-        // The handler holds `shared`, so the eventfd stays open for as long as the ring polls it
-        // (also for a job dropped before it concluded, until its context is torn down).
-        let weak = Rc::downgrade(&job);
-        let keep_open = job.shared.clone();
-        let source_id = ctx.add_source(Group::new(), job.shared.wake_fd(), move || {
-            let _ = &keep_open;
-            if let Some(job) = weak.upgrade() {
-                let ctx = job.ctx.clone();
-                ctx.defer(move || job.pump());
-            }
-        });
-        job.wake_source.set(Some(source_id));
-        job.emit(JobEvent::StatusChange {
-            id: job.id.clone(),
-            status: JobStatus::Created,
-        });
-        Ok(Mirror(job))
-    }
-
-    /// CREATED -> RUNNING: the copy begins.
-    pub fn start(&self) -> Result<(), MirrorError> {
-        let job = &self.0;
-        let status = job.status();
-        if status != JobStatus::Created {
-            return Err(job.verb_error(status, "start"));
-        }
-        {
-            let mut st = job.st.borrow_mut();
-            st.started = true;
-            st.phase = Phase::Copying;
-        }
-        job.set_status(JobStatus::Running);
-        job.pump();
-        Ok(())
-    }
-
-    /// The job id.
-    pub fn id(&self) -> &str {
-        &self.0.id
-    }
-
-    /// The QAPI status.
-    pub fn status(&self) -> JobStatus {
-        self.0.status()
-    }
-
-    /// The `mirror_top` filter node (for `query-named-block-nodes`).
-    pub fn filter(&self) -> &Node {
-        &self.0.filter
-    }
-
-    /// `query-block-jobs` for this job.
-    pub fn query(&self) -> JobInfo {
-        let job = &self.0;
-        let st = job.st.borrow();
-        JobInfo {
-            job_type: "mirror",
-            device: job.id.clone(),
-            len: job.len_locked(&st),
-            offset: st.offset,
-            busy: st.ops > 0 || !matches!(st.phase, Phase::Copying | Phase::Created | Phase::Done),
-            paused: st.user_paused,
-            speed: st.limit.speed(),
-            io_status: st.io_status,
-            ready: matches!(st.status, JobStatus::Ready | JobStatus::Standby),
-            status: st.status,
-            auto_finalize: job.cfg.auto_finalize,
-            auto_dismiss: job.cfg.auto_dismiss,
-            error: st.error.clone(),
-            actively_synced: st.actively_synced
-                && !job
-                    .shared
-                    .active_target_failed
-                    .load(std::sync::atomic::Ordering::SeqCst),
-        }
-    }
-
-    /// `job-complete` (READY only): PENDING at once; with auto-finalize the drained final sync
-    /// and the pivot follow, ending in BLOCK_JOB_COMPLETED.
-    pub fn complete(&self) -> Result<(), MirrorError> {
-        let job = &self.0;
-        job.check_verb(Verb::Complete)?;
-        if job.st.borrow().user_paused {
-            return Err(MirrorError::CannotComplete(job.id.clone()));
-        }
-        job.to_pending(Goal::Pivot);
-        job.pump();
-        Ok(())
-    }
-
-    /// `job-finalize` (PENDING only): the drained final sync, then the pivot (or, after a
-    /// cancel, the return of the devices to the source).
-    pub fn finalize(&self) -> Result<(), MirrorError> {
-        let job = &self.0;
-        job.check_verb(Verb::Finalize)?;
-        job.st.borrow_mut().finalizing = true;
-        job.pump();
-        Ok(())
-    }
-
-    /// `job-cancel`. Before READY (or with `force`): the copy stops, the devices stay on the
-    /// source, the target is abandoned as it is; BLOCK_JOB_CANCELLED. After READY without
-    /// `force` (QEMU's semantics for a mirror): the job completes *without* the pivot: a
-    /// drained final sync leaves the target a consistent copy of the source as of that
-    /// moment, the devices stay on the source, and the event is BLOCK_JOB_COMPLETED. In
-    /// PENDING: like after READY but reported as BLOCK_JOB_CANCELLED.
-    pub fn cancel(&self, force: bool) -> Result<(), MirrorError> {
-        let job = &self.0;
-        job.check_verb(Verb::Cancel)?;
-        let (status, phase) = {
-            let st = job.st.borrow();
-            (st.status, st.phase)
-        };
-        match status {
-            JobStatus::Created | JobStatus::Running | JobStatus::Paused => {
-                job.st.borrow_mut().cancelled = true;
-                job.begin_abort(None);
-            }
-            JobStatus::Ready | JobStatus::Standby if force => {
-                job.st.borrow_mut().cancelled = true;
-                job.begin_abort(None);
-            }
-            JobStatus::Ready | JobStatus::Standby => {
-                job.st.borrow_mut().user_paused = false;
-                if status == JobStatus::Standby {
-                    job.set_status(JobStatus::Ready);
-                }
-                job.to_pending(Goal::KeepTarget);
-                job.pump();
-            }
-            JobStatus::Waiting | JobStatus::Pending => {
-                let mut st = job.st.borrow_mut();
-                st.cancelled = true;
-                st.goal = Some(Goal::KeepTarget);
-                if phase != Phase::Copying {
-                    // The final sync is under way: its pivot callback sees `cancelled`.
-                    return Ok(());
-                }
-                if force {
-                    drop(st);
-                    job.begin_abort(None);
-                } else {
-                    st.finalizing = true;
-                    drop(st);
-                    job.set_status(JobStatus::Aborting);
-                    job.pump();
-                }
-            }
-            _ => unreachable!("the verb table refuses cancel in {status}"),
-        }
-        Ok(())
-    }
-
-    /// `job-pause`: no new copy I/O; PAUSED (or STANDBY after READY) once the copy I/O in flight
-    /// has completed. Guest writes keep being tracked (and, in write-blocking mode, mirrored).
-    pub fn pause(&self) -> Result<(), MirrorError> {
-        let job = &self.0;
-        job.check_verb(Verb::Pause)?;
-        if job.st.borrow().user_paused {
-            return Err(MirrorError::AlreadyPaused);
-        }
-        job.st.borrow_mut().user_paused = true;
-        job.pump();
-        Ok(())
-    }
-
-    /// `job-resume`: also the retry after an error with the `stop` policy.
-    pub fn resume(&self) -> Result<(), MirrorError> {
-        let job = &self.0;
-        if !job.st.borrow().user_paused {
-            return Err(MirrorError::NotPaused);
-        }
-        job.check_verb(Verb::Resume)?;
-        let status = {
-            let mut st = job.st.borrow_mut();
-            st.user_paused = false;
-            st.io_status = IoStatus::Ok;
-            st.retry_at = None;
-            st.status
-        };
-        match status {
-            JobStatus::Paused => job.set_status(JobStatus::Running),
-            JobStatus::Standby => job.set_status(JobStatus::Ready),
-            _ => {}
-        }
-        job.pump();
-        Ok(())
-    }
-
-    /// `job-dismiss` (CONCLUDED only, with auto-dismiss off).
-    pub fn dismiss(&self) -> Result<(), MirrorError> {
-        let job = &self.0;
-        job.check_verb(Verb::Dismiss)?;
-        job.set_status(JobStatus::Null);
-        Ok(())
-    }
-
-    /// `block-job-set-speed`, in bytes per second (0: unlimited); takes effect at once.
-    pub fn set_speed(&self, speed: u64) -> Result<(), MirrorError> {
-        let job = &self.0;
-        job.check_verb(Verb::SetSpeed)?;
-        job.st.borrow_mut().limit.set_speed(speed);
-        job.pump();
-        Ok(())
-    }
-
-    /// `block-job-change` of the copy mode: only background -> write-blocking.
-    pub fn change_copy_mode(&self, mode: CopyMode) -> Result<(), MirrorError> {
-        let job = &self.0;
-        job.check_verb(Verb::Change)?;
-        let current = job.st.borrow().copy_mode;
-        match (current, mode) {
-            (a, b) if a == b => return Ok(()),
-            (CopyMode::Background, CopyMode::WriteBlocking) => {
-                job.shared.set_write_blocking();
-                job.st.borrow_mut().copy_mode = mode;
-            }
-            (from, to) => {
-                return Err(MirrorError::CopyModeChange {
-                    from: from.as_str(),
-                    to: to.as_str(),
-                });
-            }
-        }
-        job.pump();
-        Ok(())
-    }
-
-    /// TEST ONLY: `hook` runs once, right before the job defers the pivot callback (the drained
-    /// section is held, the final sync and flush are done). The race tests write a device's kick
-    /// eventfd there to put a guest write into the window the mute closes.
-    pub fn set_before_pivot_hook_for_test(&self, hook: impl FnOnce() + 'static) {
-        *self.0.pivot_hook.borrow_mut() = Some(Box::new(hook));
-    }
-}
-
-/// Moves every backend handle on `source` to `filter`, inside a drained section of `source`.
-fn insert_above(source: &Node, filter: &Node) {
-    let drained = drained_begin(source);
-    for handle in source.handles() {
-        handle.replace(filter);
-    }
-    drop(drained);
 }
 
 impl Job {
@@ -455,7 +114,7 @@ impl Job {
         self.st.borrow().status
     }
 
-    fn verb_error(&self, status: JobStatus, verb: &'static str) -> MirrorError {
+    pub(crate) fn verb_error(&self, status: JobStatus, verb: &'static str) -> MirrorError {
         MirrorError::VerbNotAllowed {
             id: self.id.clone(),
             status: status.as_str(),
@@ -463,7 +122,7 @@ impl Job {
         }
     }
 
-    fn check_verb(&self, verb: Verb) -> Result<(), MirrorError> {
+    pub(crate) fn check_verb(&self, verb: Verb) -> Result<(), MirrorError> {
         let status = self.status();
         if verb.allowed_in(status) {
             Ok(())
@@ -494,7 +153,7 @@ impl Job {
         }
     }
 
-    fn len_locked(&self, st: &State) -> u64 {
+    pub(crate) fn len_locked(&self, st: &State) -> u64 {
         st.offset
             + st.bytes_in_flight
             + self.shared.dirty.dirty_bytes()
@@ -516,7 +175,7 @@ impl Job {
     }
 
     /// READY -> WAITING -> PENDING with what the end should do; finalize at once if automatic.
-    fn to_pending(&self, goal: Goal) {
+    pub(crate) fn to_pending(&self, goal: Goal) {
         {
             let mut st = self.st.borrow_mut();
             st.goal = Some(goal);
@@ -608,6 +267,9 @@ impl Job {
                 return;
             }
         }
+        // Nothing to copy: keep a small reserve of copy buffers (a final sync of a few dozen
+        // chunks needs no fresh memory) and give the rest back rather than hold buf-size idle.
+        self.trim_pool(IDLE_POOL_BYTES);
         let shared = &self.shared;
         shared
             .job_idle
@@ -763,7 +425,6 @@ impl Job {
         self.shared
             .job_idle
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        self.pool.borrow_mut().clear();
         if cancelled && self.status() != JobStatus::Aborting {
             self.set_status(JobStatus::Aborting);
         }
@@ -780,6 +441,17 @@ impl Job {
         if self.cfg.auto_dismiss || !started {
             self.set_status(JobStatus::Null);
         }
+        self.trim_pool(0);
+    }
+
+    /// Frees pooled copy buffers beyond `keep_bytes`.
+    fn trim_pool(&self, keep_bytes: u64) {
+        let mut pool = self.pool.borrow_mut();
+        let mut kept = 0;
+        pool.retain(|b| {
+            kept += b.capacity() as u64;
+            kept <= keep_bytes
+        });
     }
 
     /// Whether some dirty chunk could be claimed now.

@@ -12,7 +12,8 @@
 //! - the copy loop ([`copy`]): `MirrorOp`s read dirty chunks from the source and write them (or
 //!   write-zeroes) to the target, bounded by buf-size, rate limited ([`ratelimit`]), never two
 //!   at once on a chunk, never at once with a write-blocking guest write ([`overlap`]);
-//! - the job state machine with QEMU's names, commands and events ([`status`], [`job`]);
+//! - the job state machine with QEMU's names, commands and events ([`status`], [`command`],
+//!   [`job`]);
 //! - the completion ([`switch`]): drained final sync, deferred pivot, unmute.
 //!
 //! ## Invariants
@@ -47,6 +48,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bitmap;
+mod command;
 mod copy;
 mod error;
 mod filter;
@@ -57,8 +59,8 @@ mod ratelimit;
 pub mod status;
 mod switch;
 
+pub use command::Mirror;
 pub use error::MirrorError;
-pub use job::Mirror;
 pub use options::{BUF_SIZE_DEFAULT, CopyMode, MirrorOptions, OP_BYTES_MAX, OnError};
 pub use status::{
     ErrorAction, IoOperation, IoStatus, JobEvent, JobInfo, JobProgress, JobStatus, Verb,
