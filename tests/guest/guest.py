@@ -124,9 +124,18 @@ def qemu_command(socket: str, job_file: str, cpus: int, mem: str, taskset: str |
 
 
 def boot(
-    socket: str, job_file: str, timeout: float = 120.0, cpus: int = 1, mem: str = "1G", taskset: str | None = None
+    socket: str,
+    job_file: str,
+    timeout: float = 120.0,
+    cpus: int = 1,
+    mem: str = "1G",
+    taskset: str | None = None,
+    on_console=None,
 ) -> GuestResult:
-    """Run the guest once with job_file as its fio job; never raises for what happens in the guest."""
+    """Run the guest once with job_file as its fio job; never raises for what happens in the guest.
+
+    on_console, if given, is called with each console line as it arrives (from another thread).
+    """
     gone = missing()
     if gone:
         raise GuestUnavailable("missing " + "; ".join(gone))
@@ -145,6 +154,8 @@ def boot(
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip("\r\n").replace("\r", "")
             result.console.append(line)
+            if on_console is not None:
+                on_console(line)
             if line.startswith(INIT_MARK) and result.init_s is None:
                 result.init_s = time.monotonic() - start
             elif line.startswith(READY_MARK) and result.ready_s is None:
