@@ -149,6 +149,25 @@ impl Daemon {
         Ok(())
     }
 
+    /// `object-del`: stops an iothread. Refused while an export runs on it: QSD keeps a deleted
+    /// iothread alive for its users, ringblk would stop the thread under the export.
+    pub fn del_object(&mut self, id: &str) -> Result<(), DaemonError> {
+        if !self.iothreads.contains_key(id) {
+            return Err(generic(format!("object '{id}' not found")));
+        }
+        if let Some((export, _)) = self
+            .exports
+            .iter()
+            .find(|(_, e)| e.iothread.as_deref() == Some(id))
+        {
+            return Err(generic(format!(
+                "object '{id}' is in use by block export '{export}'"
+            )));
+        }
+        self.iothreads.remove(id);
+        Ok(())
+    }
+
     /// `--export` / `block-export-add`.
     pub fn add_export(&mut self, options: &ExportOptions) -> Result<(), DaemonError> {
         if self.exports.contains_key(&options.id) {
@@ -198,6 +217,11 @@ impl Daemon {
             .ok_or_else(|| generic(format!("Export '{id}' is not found")))?;
         entry.export.stop(&entry.path);
         Ok(())
+    }
+
+    /// The ids of the exports, in order.
+    pub fn export_ids(&self) -> Vec<String> {
+        self.exports.keys().cloned().collect()
     }
 
     /// The backend handles of the exports whose device sits on `node` (for the mirror's pivot).

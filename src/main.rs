@@ -10,10 +10,13 @@ mod daemon;
 mod demo;
 mod keyval;
 mod options;
+mod qmp;
 
+use std::cell::RefCell;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::ExitCode;
+use std::rc::Rc;
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -21,6 +24,7 @@ use ringblk_ring::{Context, Group};
 
 use crate::cli::{CliItem, Config, Invocation};
 use crate::daemon::Daemon;
+use crate::qmp::{Events, QmpServer};
 
 /// How long the main context busy-polls before sleeping: QSD's default `poll-max-ns`.
 const MAIN_POLL_MAX: std::time::Duration = std::time::Duration::from_nanos(32768);
@@ -61,8 +65,9 @@ fn run(config: Config) -> ExitCode {
     // The main context serves the exports that name no iothread: it polls like an iothread
     // with QSD's default poll-max-ns before it sleeps.
     ctx.set_poll_max(MAIN_POLL_MAX);
-    let mut daemon = Daemon::new();
-    let started = start(&mut daemon, &config);
+    let daemon = Rc::new(RefCell::new(Daemon::new()));
+    let qmp = QmpServer::new(daemon.clone(), Rc::new(Events::default()));
+    let started = start(&daemon, &qmp, &config);
     let code = match started {
         Ok(()) => serve(&ctx, &stop_signals, config.pidfile.as_deref()),
         Err(message) => {
@@ -70,23 +75,21 @@ fn run(config: Config) -> ExitCode {
             ExitCode::FAILURE
         }
     };
-    daemon.shutdown();
+    drop(qmp);
+    daemon.replace(Daemon::new()).shutdown();
     ctx.shutdown();
     code
 }
 
 /// Creates what the command line defines, in order. The error names the option it came from.
-fn start(daemon: &mut Daemon, config: &Config) -> Result<(), String> {
+fn start(daemon: &RefCell<Daemon>, qmp: &QmpServer, config: &Config) -> Result<(), String> {
     for (item, given) in &config.items {
         let result = match item {
-            CliItem::Blockdev(options) => daemon.add_blockdev(options),
-            CliItem::Object(options) => daemon.add_object(options),
-            CliItem::Export(options) => daemon.add_export(options),
-            CliItem::Chardev(_) | CliItem::Monitor(_) => {
-                return Err(format!(
-                    "{given}: QMP monitors are not available in this build yet"
-                ));
-            }
+            CliItem::Blockdev(options) => daemon.borrow_mut().add_blockdev(options),
+            CliItem::Object(options) => daemon.borrow_mut().add_object(options),
+            CliItem::Export(options) => daemon.borrow_mut().add_export(options),
+            CliItem::Chardev(options) => qmp.add_chardev(options),
+            CliItem::Monitor(options) => qmp.add_monitor(options),
         };
         result.map_err(|e| format!("{given}: {e}"))?;
     }

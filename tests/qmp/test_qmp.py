@@ -1,0 +1,501 @@
+#!/usr/bin/env python3
+"""QMP tests: ringblk driven by the real `qemu.qmp` client and by raw sockets.
+
+Behaviour both daemons should share runs against ringblk and against qemu-storage-daemon
+(QSD), each started the same way: `--chardev socket,...,server=on,wait=off --monitor
+chardev=m`. Passing against both is what shows ringblk is a drop-in for this part of QSD.
+
+Environment:
+  RINGBLK  the ringblk binary (default: target/debug/ringblk)
+  QSD      the qemu-storage-daemon binary (default: qemu-storage-daemon on PATH); the QSD
+           half is skipped, saying so, when it is missing.
+
+Run: python3 tests/qmp/test_qmp.py [-v]
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp.events import EventListener
+
+RINGBLK = os.environ.get("RINGBLK", "target/debug/ringblk")
+QSD = os.environ.get("QSD") or shutil.which("qemu-storage-daemon")
+
+QEMU_VERSION = {"major": 10, "minor": 0, "micro": 2}
+TIMEOUT_S = 10
+
+
+class Daemon:
+    """A storage daemon with one QMP monitor on a UNIX socket in a fresh directory."""
+
+    def __init__(self, binary, extra_args=()):
+        self.dir = tempfile.TemporaryDirectory(prefix="ringblk-qmp-")
+        self.socket_path = os.path.join(self.dir.name, "qmp.sock")
+        args = [
+            binary,
+            "--chardev", f"socket,id=m,path={self.socket_path},server=on,wait=off",
+            "--monitor", "chardev=m",
+            *extra_args,
+        ]
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not os.path.exists(self.socket_path):
+            if self.process.poll() is not None:
+                _, err = self.process.communicate()
+                raise RuntimeError(f"{binary} exited at startup: {err.decode()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{binary} did not create {self.socket_path}")
+            time.sleep(0.01)
+
+    def path(self, name):
+        return os.path.join(self.dir.name, name)
+
+    def wait(self):
+        """Waits for the daemon to exit on its own; returns its exit status."""
+        return self.process.wait(timeout=TIMEOUT_S)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()
+        self.process.stderr.close()
+        self.dir.cleanup()
+
+
+class RawClient:
+    """A QMP client on a plain socket: sends any bytes, reads messages one per line."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(TIMEOUT_S)
+        self.sock.connect(path)
+        self.buffer = b""
+
+    def send(self, data):
+        self.sock.sendall(data if isinstance(data, bytes) else data.encode())
+
+    def receive(self):
+        """The next message, parsed; None at end of stream."""
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def execute(self, command, arguments=None):
+        message = {"execute": command}
+        if arguments is not None:
+            message["arguments"] = arguments
+        self.send(json.dumps(message))
+        return self.receive()
+
+    def negotiate(self):
+        greeting = self.receive()
+        assert "QMP" in greeting, greeting
+        assert self.execute("qmp_capabilities") == {"return": {}}
+
+    def close(self):
+        self.sock.close()
+
+
+def error(klass, desc):
+    return {"error": {"class": klass, "desc": desc}}
+
+
+class QmpBehaviour:
+    """What ringblk and QSD answer alike. Subclasses name the binary."""
+
+    binary = None
+
+    async def asyncSetUp(self):
+        self.daemon = Daemon(self.binary)
+        self.qmp = QMPClient("test")
+        await asyncio.wait_for(self.qmp.connect(self.daemon.socket_path), TIMEOUT_S)
+
+    async def asyncTearDown(self):
+        try:
+            await self.qmp.disconnect()
+        except EOFError:
+            pass  # the daemon closed the connection first (quit)
+        self.daemon.stop()
+
+    async def execute(self, command, arguments=None):
+        return await asyncio.wait_for(self.qmp.execute(command, arguments), TIMEOUT_S)
+
+    async def assertError(self, klass, desc, command, arguments=None):
+        with self.assertRaises(ExecuteError) as caught:
+            await self.execute(command, arguments)
+        self.assertEqual((caught.exception.error_class, str(caught.exception)), (klass, desc))
+
+    async def add_null(self, name, size=4096):
+        args = {"driver": "null-co", "node-name": name, "size": size}
+        self.assertEqual(await self.execute("blockdev-add", args), {})
+
+    async def add_export(self, export_id, node, path):
+        args = {
+            "type": "vhost-user-blk",
+            "id": export_id,
+            "node-name": node,
+            "addr": {"type": "unix", "path": path},
+        }
+        self.assertEqual(await self.execute("block-export-add", args), {})
+
+    async def test_greeting_and_query_version_name_qemu_10_0_2(self):
+        greeting = self.qmp.greeting.QMP
+        self.assertEqual(greeting.capabilities, ["oob"])
+        self.assertEqual(greeting.version["qemu"], QEMU_VERSION)
+        version = await self.execute("query-version")
+        self.assertEqual(version, greeting.version)
+
+    async def test_blockdev_add_file_and_null_co_show_in_query_named_block_nodes(self):
+        image = self.daemon.path("disk.img")
+        with open(image, "wb") as f:
+            f.truncate(1 << 20)
+        args = {"driver": "file", "node-name": "disk", "filename": image}
+        self.assertEqual(await self.execute("blockdev-add", args), {})
+        await self.add_null("null0", 8192)
+        nodes = await self.execute("query-named-block-nodes")
+        summary = sorted((n["node-name"], n["drv"], n["ro"], n["image"]["virtual-size"])
+                         for n in nodes)
+        self.assertEqual(summary, [("disk", "file", False, 1 << 20),
+                                   ("null0", "null-co", False, 8192)])
+
+    async def test_duplicate_node_name_is_a_generic_error(self):
+        await self.add_null("n")
+        await self.assertError("GenericError", "Duplicate nodes with node-name='n'",
+                               "blockdev-add", {"driver": "null-co", "node-name": "n"})
+
+    async def test_blockdev_del_of_a_missing_node_is_a_generic_error(self):
+        await self.assertError("GenericError", "Failed to find node with node-name='zz'",
+                               "blockdev-del", {"node-name": "zz"})
+
+    async def test_blockdev_del_removes_the_node(self):
+        await self.add_null("n")
+        self.assertEqual(await self.execute("blockdev-del", {"node-name": "n"}), {})
+        self.assertEqual(await self.execute("query-named-block-nodes"), [])
+
+    async def test_block_export_lifecycle_ends_with_block_export_deleted(self):
+        await self.add_null("n")
+        await self.add_export("e", "n", self.daemon.path("vhost.sock"))
+        exports = await self.execute("query-block-exports")
+        self.assertEqual(exports, [{"id": "e", "node-name": "n", "shutting-down": False,
+                                    "type": "vhost-user-blk"}])
+        listener = EventListener("BLOCK_EXPORT_DELETED")
+        with self.qmp.listen(listener):
+            self.assertEqual(await self.execute("block-export-del", {"id": "e"}), {})
+            event = await asyncio.wait_for(listener.get(), TIMEOUT_S)
+        self.assertEqual(event["data"], {"id": "e"})
+        self.assertEqual(set(event["timestamp"]), {"seconds", "microseconds"})
+        self.assertEqual(await self.execute("query-block-exports"), [])
+        await self.assertError("GenericError", "Export 'e' is not found",
+                               "block-export-del", {"id": "e"})
+
+    async def test_block_export_add_checks_the_node(self):
+        path = self.daemon.path("vhost.sock")
+        await self.assertError(
+            "GenericError", "Cannot find device='' nor node-name='zz'", "block-export-add",
+            {"type": "vhost-user-blk", "id": "e", "node-name": "zz",
+             "addr": {"type": "unix", "path": path}})
+        image = self.daemon.path("ro.img")
+        with open(image, "wb") as f:
+            f.truncate(1 << 20)
+        await self.execute("blockdev-add", {"driver": "file", "node-name": "ro",
+                                            "filename": image, "read-only": True})
+        await self.assertError(
+            "GenericError", "Cannot export read-only node as writable", "block-export-add",
+            {"type": "vhost-user-blk", "id": "e", "node-name": "ro", "writable": True,
+             "addr": {"type": "unix", "path": path}})
+
+    async def test_duplicate_export_id_is_refused(self):
+        await self.add_null("n")
+        await self.add_export("e", "n", self.daemon.path("a.sock"))
+        await self.assertError(
+            "GenericError", "Block export id 'e' is already in use", "block-export-add",
+            {"type": "vhost-user-blk", "id": "e", "node-name": "n",
+             "addr": {"type": "unix", "path": self.daemon.path("b.sock")}})
+
+    async def test_iothread_object_add_and_del(self):
+        args = {"qom-type": "iothread", "id": "io0"}
+        self.assertEqual(await self.execute("object-add", args), {})
+        await self.assertError(
+            "GenericError", "attempt to add duplicate property 'io0' to object (type 'container')",
+            "object-add", args)
+        self.assertEqual(await self.execute("object-del", {"id": "io0"}), {})
+        await self.assertError("GenericError", "object 'io0' not found",
+                               "object-del", {"id": "io0"})
+
+    async def test_unknown_command_is_command_not_found(self):
+        await self.assertError("CommandNotFound", "The command foo has not been found", "foo")
+
+    async def test_qmp_capabilities_twice_is_command_not_found(self):
+        await self.assertError("CommandNotFound",
+                               "Capabilities negotiation is already complete, command ignored",
+                               "qmp_capabilities")
+
+    async def test_bad_arguments_get_qsd_messages(self):
+        cases = [
+            ("blockdev-add", {"driver": "null-co", "node-name": "n", "size": "1"},
+             "Invalid parameter type for 'size', expected: integer"),
+            ("blockdev-add", {"driver": "null-co"},
+             "'node-name' must be specified for the root node"),
+            ("blockdev-add", {}, "Parameter 'driver' is missing"),
+            ("blockdev-del", {}, "Parameter 'node-name' is missing"),
+            ("blockdev-del", {"node-name": 1},
+             "Invalid parameter type for 'node-name', expected: string"),
+            ("query-version", {"x": 1}, "Parameter 'x' is unexpected"),
+            ("block-export-del", {"id": "e", "mode": "x"},
+             "Parameter 'mode' does not accept value 'x'"),
+            ("object-del", {}, "Parameter 'id' is missing"),
+        ]
+        for command, arguments, desc in cases:
+            with self.subTest(command=command, arguments=arguments):
+                await self.assertError("GenericError", desc, command, arguments)
+
+    async def test_quit_replies_and_exits_0(self):
+        self.assertEqual(await self.execute("quit"), {})
+        self.assertEqual(await asyncio.to_thread(self.daemon.wait), 0)
+
+
+class RawBehaviour:
+    """The same on a raw socket: framing, parse errors, negotiation, several clients."""
+
+    binary = None
+
+    def setUp(self):
+        self.daemon = Daemon(self.binary)
+        self.clients = []
+
+    def tearDown(self):
+        for client in self.clients:
+            client.close()
+        self.daemon.stop()
+
+    def connect(self):
+        client = RawClient(self.daemon.socket_path)
+        self.clients.append(client)
+        return client
+
+    def test_commands_before_qmp_capabilities_are_refused(self):
+        client = self.connect()
+        greeting = client.receive()
+        self.assertEqual(greeting["QMP"]["capabilities"], ["oob"])
+        expecting = error("CommandNotFound",
+                          "Expecting capabilities negotiation with 'qmp_capabilities'")
+        self.assertEqual(client.execute("query-version"), expecting)
+        self.assertEqual(client.execute("foo"), expecting)
+        self.assertEqual(client.execute("qmp_capabilities", {"enable": ["oob"]}),
+                         {"return": {}})
+        self.assertIn("return", client.execute("query-version"))
+
+    def test_malformed_json_gets_an_error_and_the_connection_still_answers(self):
+        client = self.connect()
+        client.negotiate()
+        client.send("garbage\n")
+        self.assertEqual(client.receive(),
+                         error("GenericError", "JSON parse error, invalid keyword 'garbage'"))
+        client.send('{"a" 1}')
+        self.assertEqual(client.receive(),
+                         error("GenericError", "JSON parse error, missing : in object pair"))
+        client.send("}")
+        self.assertEqual(client.receive(),
+                         error("GenericError", "JSON parse error, expecting value"))
+        client.send('{"execute": "query-version", "id": 7}')
+        reply = client.receive()
+        self.assertEqual((reply["id"], reply["return"]["qemu"]), (7, QEMU_VERSION))
+
+    def test_request_envelope_errors(self):
+        client = self.connect()
+        client.negotiate()
+        cases = [
+            ("[]", "QMP input must be a JSON object", None),
+            ('{"id": 3}', "QMP input lacks member 'execute'", 3),
+            ('{"execute": 1}', "QMP input member 'execute' must be a string", None),
+            ('{"execute": "query-version", "arguments": []}',
+             "QMP input member 'arguments' must be an object", None),
+            ('{"execute": "query-version", "foo": 1, "id": "x"}',
+             "QMP input member 'foo' is unexpected", "x"),
+            ('{"exec-oob": "query-version"}', "QMP input member 'exec-oob' is unexpected", None),
+        ]
+        for text, desc, request_id in cases:
+            with self.subTest(text=text):
+                client.send(text)
+                expected = error("GenericError", desc)
+                if request_id is not None:
+                    expected["id"] = request_id
+                self.assertEqual(client.receive(), expected)
+
+    def test_texts_split_across_writes_and_joined_in_one_write(self):
+        client = self.connect()
+        client.negotiate()
+        client.send('{"exec')
+        time.sleep(0.05)
+        client.send('ute": "query-version", "id": 1}{"execute": "query-version", "id": 2}\n'
+                    "{'execute': 'query-version', 'id': 'single \\'quoted\\''}")
+        ids = [client.receive()["id"] for _ in range(3)]
+        self.assertEqual(ids, [1, 2, "single 'quoted'"])
+
+    def test_ids_of_any_type_are_echoed(self):
+        client = self.connect()
+        client.negotiate()
+        for request_id in [None, [1, {"a": "é"}], "x", 1500]:
+            with self.subTest(id=request_id):
+                client.send(json.dumps({"execute": "query-version", "id": request_id}))
+                self.assertEqual(client.receive()["id"], request_id)
+
+    def test_quit_closes_the_connection_and_exits_0(self):
+        client = self.connect()
+        client.negotiate()
+        self.assertEqual(client.execute("quit"), {"return": {}})
+        self.assertIsNone(client.receive())
+        self.assertEqual(self.daemon.wait(), 0)
+        self.assertFalse(os.path.exists(self.daemon.socket_path))
+
+
+class RingblkOnly(unittest.TestCase):
+    """ringblk's own answers: where it differs from QSD on purpose, and its bounds.
+
+    QSD's socket chardev serves one client at a time (a second one waits, unanswered, until
+    the first disconnects); ringblk serves several at once, each with its own state.
+    """
+
+    def setUp(self):
+        self.daemon = Daemon(RINGBLK)
+        self.clients = []
+
+    def tearDown(self):
+        for client in self.clients:
+            client.close()
+        self.daemon.stop()
+
+    def connect(self):
+        client = RawClient(self.daemon.socket_path)
+        self.clients.append(client)
+        return client
+
+    def test_two_clients_have_their_own_state_and_both_get_events(self):
+        first, second = self.connect(), self.connect()
+        first.negotiate()
+        second.receive()  # greeting; `second` has not negotiated yet
+        self.assertEqual(second.execute("query-version")["error"]["class"], "CommandNotFound")
+        self.assertEqual(first.execute("blockdev-add", {"driver": "null-co", "node-name": "n"}),
+                         {"return": {}})
+        self.assertEqual(second.execute("qmp_capabilities"), {"return": {}})
+        args = {"type": "vhost-user-blk", "id": "e", "node-name": "n",
+                "addr": {"type": "unix", "path": self.daemon.path("vhost.sock")}}
+        self.assertEqual(second.execute("block-export-add", args), {"return": {}})
+        first.send('{"execute": "block-export-del", "arguments": {"id": "e"}}')
+        for client in (first, second):
+            event = client.receive()
+            self.assertEqual((event["event"], event["data"]), ("BLOCK_EXPORT_DELETED", {"id": "e"}))
+        self.assertEqual(first.receive(), {"return": {}})
+
+    def test_quit_closes_every_connection_and_exits_0(self):
+        first, second = self.connect(), self.connect()
+        first.negotiate()
+        second.negotiate()
+        self.assertEqual(first.execute("quit"), {"return": {}})
+        self.assertIsNone(first.receive())
+        self.assertIsNone(second.receive())
+        self.assertEqual(self.daemon.wait(), 0)
+        self.assertFalse(os.path.exists(self.daemon.socket_path))
+
+
+    def test_greeting_names_ringblk_and_matches_qsd_byte_for_byte_otherwise(self):
+        client = RawClient(self.daemon.socket_path)
+        raw = client.sock.recv(4096)
+        client.close()
+        self.assertEqual(
+            raw,
+            b'{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, '
+            b'"package": "ringblk 0.1.0"}, "capabilities": ["oob"]}}\r\n')
+
+    def test_query_commands_lists_exactly_the_implemented_commands(self):
+        client = RawClient(self.daemon.socket_path)
+        client.negotiate()
+        names = {c["name"] for c in client.execute("query-commands")["return"]}
+        client.close()
+        self.assertEqual(names, {
+            "qmp_capabilities", "query-version", "query-commands", "quit",
+            "blockdev-add", "blockdev-del", "query-named-block-nodes",
+            "block-export-add", "block-export-del", "query-block-exports",
+            "object-add", "object-del",
+        })
+
+    def test_endless_text_gets_an_error_and_a_disconnect_and_the_daemon_lives_on(self):
+        client = RawClient(self.daemon.socket_path)
+        client.negotiate()
+        client.send('{"execute": "query-version", "id": "')
+        chunk = b"x" * 65536
+        try:
+            for _ in range(64):  # 4 MiB, well past the bound
+                client.send(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # disconnected while sending: the error reply may still be readable
+        reply = client.receive()
+        self.assertEqual(reply["error"]["class"], "GenericError")
+        self.assertIsNone(client.receive())
+        client.close()
+        other = RawClient(self.daemon.socket_path)
+        other.negotiate()
+        self.assertIn("return", other.execute("query-version"))
+        other.close()
+
+    def test_events_wait_for_negotiation(self):
+        silent, talker = RawClient(self.daemon.socket_path), RawClient(self.daemon.socket_path)
+        silent.receive()
+        talker.negotiate()
+        talker.execute("blockdev-add", {"driver": "null-co", "node-name": "n"})
+        talker.execute("block-export-add", {"type": "vhost-user-blk", "id": "e", "node-name": "n",
+                                            "addr": {"type": "unix",
+                                                     "path": self.daemon.path("v.sock")}})
+        talker.send('{"execute": "block-export-del", "arguments": {"id": "e"}}')
+        self.assertEqual(talker.receive()["event"], "BLOCK_EXPORT_DELETED")
+        # `silent` got nothing: its next message is the reply to its own request.
+        self.assertEqual(silent.execute("qmp_capabilities"), {"return": {}})
+        silent.close()
+        talker.close()
+
+    def test_sigterm_exits_0_and_removes_the_socket(self):
+        self.daemon.process.terminate()
+        self.assertEqual(self.daemon.wait(), 0)
+        self.assertFalse(os.path.exists(self.daemon.socket_path))
+
+
+class RingblkQmp(QmpBehaviour, unittest.IsolatedAsyncioTestCase):
+    binary = RINGBLK
+
+
+class RingblkRaw(RawBehaviour, unittest.TestCase):
+    binary = RINGBLK
+
+
+@unittest.skipIf(QSD is None, "qemu-storage-daemon not found (set QSD)")
+class QsdQmp(QmpBehaviour, unittest.IsolatedAsyncioTestCase):
+    binary = QSD
+
+
+@unittest.skipIf(QSD is None, "qemu-storage-daemon not found (set QSD)")
+class QsdRaw(RawBehaviour, unittest.TestCase):
+    binary = QSD
+
+
+if __name__ == "__main__":
+    if not os.path.exists(RINGBLK):
+        sys.exit(f"ringblk binary {RINGBLK} not found: build it or set RINGBLK")
+    unittest.main()
