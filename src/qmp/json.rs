@@ -5,10 +5,11 @@
 //! Rendering follows QSD's output byte for byte where it is observable: `": "` and `", "`
 //! separators, every character outside printable ASCII written as a `\uXXXX` escape with
 //! upper-case hex (UTF-16 surrogate pairs above the BMP), and in pretty mode four spaces of
-//! indentation with CRLF line ends. Objects nested in a reply keep `serde_json::Map` order
-//! (sorted by key); the members of the envelopes QMP defines (`return` before `id`,
-//! `timestamp`, `event`, `data`) are written in QSD's order by the caller, through
-//! [`Writer::members`].
+//! indentation with CRLF line ends. Member order: QSD prints an object in the order of its
+//! hash table, which is fixed for a given set of keys but follows no rule; the envelopes
+//! (greeting, `return`/`id`, `id`/`error`, `class`/`desc`, `timestamp`/`event`/`data`) are
+//! built as [`Ordered`] objects in QSD's order, objects inside a command's result are written
+//! sorted by key (`serde_json::Map` order).
 
 use std::fmt::Write as _;
 

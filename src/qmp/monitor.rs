@@ -172,7 +172,8 @@ impl Session {
         execute(handler, arguments)
     }
 
-    /// `{"return": ...}` or `{"error": ...}`, then `id` if the request had one.
+    /// `{"return": ..., "id": ...}` or `{"id": ..., "error": ...}`, `id` only if the request
+    /// had one: the member order QSD prints.
     fn reply(&self, result: Result<Value, QmpError>, id: Option<&Value>) -> String {
         let (class, desc);
         let mut members = match &result {
@@ -184,10 +185,13 @@ impl Session {
                     ("class", Ordered::Value(&class)),
                     ("desc", Ordered::Value(&desc)),
                 ]);
-                vec![("error", error)]
+                match id {
+                    Some(id) => vec![("id", Ordered::Value(id)), ("error", error)],
+                    None => vec![("error", error)],
+                }
             }
         };
-        if let Some(id) = id {
+        if let (Ok(_), Some(id)) = (&result, id) {
             members.push(("id", Ordered::Value(id)));
         }
         json::render(self.pretty, members)
@@ -201,5 +205,111 @@ fn command_name(key: &str, value: Value) -> Result<String, QmpError> {
         _ => Err(QmpError::generic(format!(
             "QMP input member '{key}' must be a string"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn never(_: Handler, _: Map<String, Value>) -> Result<Value, QmpError> {
+        panic!("no command may run here")
+    }
+
+    fn reply(session: &Session, text: &str) -> Value {
+        serde_json::from_str(&session.handle(text.as_bytes(), never)).unwrap()
+    }
+
+    fn negotiated(oob: bool) -> Session {
+        let session = Session::new(false);
+        let enable = if oob { r#"{"enable": ["oob"]}"# } else { "{}" };
+        let text = format!(r#"{{"execute": "qmp_capabilities", "arguments": {enable}}}"#);
+        assert_eq!(reply(&session, &text), json!({"return": {}}));
+        session
+    }
+
+    #[test]
+    fn before_negotiation_no_command_runs() {
+        let session = Session::new(false);
+        for text in [
+            r#"{"execute": "query-version"}"#,
+            r#"{"execute": "nope", "id": 1}"#,
+        ] {
+            let desc = reply(&session, text)["error"]["desc"].clone();
+            assert_eq!(
+                desc,
+                "Expecting capabilities negotiation with 'qmp_capabilities'"
+            );
+        }
+        assert!(!session.negotiated());
+    }
+
+    #[test]
+    fn negotiation_with_bad_arguments_leaves_the_client_negotiating() {
+        let session = Session::new(false);
+        let text = r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["x"]}}"#;
+        assert_eq!(
+            reply(&session, text)["error"]["desc"],
+            "Parameter 'null' does not accept value 'x'"
+        );
+        assert!(!session.negotiated());
+    }
+
+    #[test]
+    fn after_negotiation_commands_run_with_their_arguments() {
+        let session = negotiated(false);
+        let text = r#"{"execute": "query-version", "arguments": {"a": 1}, "id": "x"}"#;
+        let out = session.handle(text.as_bytes(), |_, args| Ok(Value::Object(args)));
+        assert_eq!(out, "{\"return\": {\"a\": 1}, \"id\": \"x\"}\r\n");
+    }
+
+    #[test]
+    fn exec_oob_is_unexpected_until_oob_is_enabled() {
+        let session = negotiated(false);
+        assert_eq!(
+            reply(&session, r#"{"exec-oob": "query-version"}"#)["error"]["desc"],
+            "QMP input member 'exec-oob' is unexpected"
+        );
+    }
+
+    #[test]
+    fn with_oob_enabled_no_command_supports_it() {
+        let session = negotiated(true);
+        assert_eq!(
+            reply(&session, r#"{"exec-oob": "query-version"}"#)["error"]["desc"],
+            "The command query-version does not support OOB"
+        );
+        assert_eq!(
+            reply(
+                &session,
+                r#"{"exec-oob": "query-version", "execute": "query-version"}"#
+            )["error"]["desc"],
+            "QMP input member 'execute' clashes with 'exec-oob'"
+        );
+    }
+
+    #[test]
+    fn errors_carry_the_id_first() {
+        let session = negotiated(false);
+        let out = session.handle(br#"{"execute": "nope", "id": 2}"#, never);
+        assert_eq!(
+            out,
+            "{\"id\": 2, \"error\": {\"class\": \"CommandNotFound\", \
+             \"desc\": \"The command nope has not been found\"}}\r\n"
+        );
+    }
+
+    #[test]
+    fn greeting_matches_qsd_layout() {
+        assert_eq!(
+            Session::new(false).greeting(),
+            format!(
+                "{{\"QMP\": {{\"version\": {{\"qemu\": {{\"micro\": 2, \"minor\": 0, \
+                 \"major\": 10}}, \"package\": \"ringblk {}\"}}, \"capabilities\": [\"oob\"]}}}}\r\n",
+                env!("CARGO_PKG_VERSION")
+            )
+        );
     }
 }

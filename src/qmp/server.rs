@@ -376,3 +376,116 @@ impl Subscriber for Client {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use ringblk_ring::Wait;
+    use serde_json::json;
+
+    use super::*;
+    use crate::options::ChardevSocket;
+
+    fn serve(dir: &Path) -> QmpServer {
+        let server = QmpServer::new(
+            Rc::new(RefCell::new(Daemon::new())),
+            Rc::new(Events::default()),
+        );
+        let chardev = ChardevOptions {
+            id: "m".to_owned(),
+            backend: ChardevBackend::Socket(ChardevSocket {
+                path: dir.join("qmp.sock"),
+                server: true,
+                wait: false,
+            }),
+        };
+        server.add_chardev(&chardev).unwrap();
+        let monitor = MonitorOptions {
+            id: None,
+            chardev: "m".to_owned(),
+            pretty: false,
+        };
+        server.add_monitor(&monitor).unwrap();
+        server
+    }
+
+    /// Runs loop turns until `stream` has delivered a whole line; returns it.
+    fn read_line(ctx: &Context, stream: &mut UnixStream) -> String {
+        let mut line = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut byte = [0u8];
+        while !line.ends_with(b"\n") {
+            assert!(Instant::now() < deadline, "no reply");
+            match stream.read(&mut byte) {
+                Ok(1) => line.push(byte[0]),
+                Ok(_) => panic!("end of stream"),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ctx.turn(Wait::For(Duration::from_millis(1)));
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        String::from_utf8(line).unwrap()
+    }
+
+    /// A command that runs nested loop turns, as stopping an export does.
+    fn nested_turns(_: &mut State, _: Map<String, Value>) -> Result<Value, QmpError> {
+        let ctx = Context::current();
+        for _ in 0..20 {
+            ctx.turn(Wait::For(Duration::from_millis(1)));
+        }
+        Ok(json!({}))
+    }
+
+    #[test]
+    fn no_qmp_input_is_dispatched_while_a_command_runs() {
+        let ctx = Context::new(64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let server = serve(dir.path());
+        let mut client = UnixStream::connect(dir.path().join("qmp.sock")).unwrap();
+        client.set_nonblocking(true).unwrap();
+        assert!(read_line(&ctx, &mut client).starts_with("{\"QMP\""));
+        client
+            .write_all(br#"{"execute": "qmp_capabilities"}"#)
+            .unwrap();
+        assert_eq!(read_line(&ctx, &mut client), "{\"return\": {}}\r\n");
+
+        client
+            .write_all(br#"{"execute": "query-version", "id": 1}"#)
+            .unwrap();
+        // Without the mute, the nested turns would dispatch the request and its handler would
+        // find the command state borrowed.
+        assert_eq!(
+            server.shared.execute(nested_turns, Map::new()),
+            Ok(json!({}))
+        );
+        let mut byte = [0u8];
+        assert_eq!(
+            client.read(&mut byte).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "a request was answered in the middle of another command"
+        );
+        assert!(read_line(&ctx, &mut client).ends_with("\"id\": 1}\r\n"));
+        drop(server);
+        ctx.shutdown();
+    }
+
+    #[test]
+    fn dropping_the_server_disconnects_clients_and_removes_the_socket() {
+        let ctx = Context::new(64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let server = serve(dir.path());
+        let mut client = UnixStream::connect(dir.path().join("qmp.sock")).unwrap();
+        client.set_nonblocking(true).unwrap();
+        read_line(&ctx, &mut client);
+        drop(server);
+        client.set_nonblocking(false).unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(client.read_to_end(&mut rest).unwrap(), 0);
+        assert!(!dir.path().join("qmp.sock").exists());
+        ctx.shutdown();
+    }
+}

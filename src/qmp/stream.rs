@@ -21,7 +21,7 @@ pub const NESTING_MAX: usize = 127;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum StreamError {
     /// A text grew past [`TEXT_LEN_MAX`].
-    #[error("JSON token size limit exceeded")]
+    #[error("JSON text longer than {} bytes", TEXT_LEN_MAX)]
     TooLong,
     /// A text nested past [`NESTING_MAX`].
     #[error("JSON nesting depth limit exceeded")]

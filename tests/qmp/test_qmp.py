@@ -37,14 +37,13 @@ TIMEOUT_S = 10
 class Daemon:
     """A storage daemon with one QMP monitor on a UNIX socket in a fresh directory."""
 
-    def __init__(self, binary, extra_args=()):
+    def __init__(self, binary, monitor="chardev=m"):
         self.dir = tempfile.TemporaryDirectory(prefix="ringblk-qmp-")
         self.socket_path = os.path.join(self.dir.name, "qmp.sock")
         args = [
             binary,
             "--chardev", f"socket,id=m,path={self.socket_path},server=on,wait=off",
-            "--monitor", "chardev=m",
-            *extra_args,
+            "--monitor", monitor,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + TIMEOUT_S
@@ -88,15 +87,27 @@ class RawClient:
     def send(self, data):
         self.sock.sendall(data if isinstance(data, bytes) else data.encode())
 
-    def receive(self):
-        """The next message, parsed; None at end of stream."""
+    def receive_line(self):
+        """The next line as sent, line end included; None at end of stream."""
         while b"\n" not in self.buffer:
             chunk = self.sock.recv(65536)
             if not chunk:
                 return None
             self.buffer += chunk
         line, self.buffer = self.buffer.split(b"\n", 1)
-        return json.loads(line)
+        return line + b"\n"
+
+    def receive(self):
+        """The next (compact) message, parsed; None at end of stream."""
+        line = self.receive_line()
+        return None if line is None else json.loads(line)
+
+    def receive_pretty(self):
+        """The next pretty-printed message as sent: lines up to a closing brace at column 0."""
+        lines = []
+        while not lines or lines[-1] != b"}\r\n":
+            lines.append(self.receive_line())
+        return b"".join(lines)
 
     def execute(self, command, arguments=None):
         message = {"execute": command}
@@ -358,6 +369,48 @@ class RawBehaviour:
                 client.send(json.dumps({"execute": "query-version", "id": request_id}))
                 self.assertEqual(client.receive()["id"], request_id)
 
+    def test_replies_are_byte_identical(self):
+        client = self.connect()
+        client.receive_line()
+        client.send('{"execute": "qmp_capabilities", "id": "a/\u00e9\\u007f"}')
+        self.assertEqual(client.receive_line(),
+                         b'{"return": {}, "id": "a/\\u00E9\\u007F"}\r\n')
+        client.send('{"execute": "foo", "id": [1, {}, null, true, 1.5e3]}')
+        self.assertEqual(
+            client.receive_line(),
+            b'{"id": [1, {}, null, true, 1500], "error": {"class": "CommandNotFound", '
+            b'"desc": "The command foo has not been found"}}\r\n')
+
+    def test_pretty_replies_are_byte_identical(self):
+        self.daemon.stop()
+        self.daemon = Daemon(self.binary, monitor="chardev=m,pretty=on")
+        client = self.connect()
+        greeting = client.receive_pretty()
+        self.assertTrue(greeting.startswith(b'{\r\n    "QMP": {\r\n        "version": {\r\n'
+                                            b'            "qemu": {\r\n                "micro": 2,'
+                                            b'\r\n                "minor": 0,\r\n'),
+                        greeting)
+        self.assertTrue(greeting.endswith(b'        "capabilities": [\r\n            "oob"\r\n'
+                                          b'        ]\r\n    }\r\n}\r\n'), greeting)
+        client.send('{"execute": "qmp_capabilities"}')
+        self.assertEqual(client.receive_pretty(), b'{\r\n    "return": {\r\n    }\r\n}\r\n')
+        client.send('{"execute": "foo", "id": [1]}')
+        self.assertEqual(
+            client.receive_pretty(),
+            b'{\r\n    "id": [\r\n        1\r\n    ],\r\n'
+            b'    "error": {\r\n        "class": "CommandNotFound",\r\n'
+            b'        "desc": "The command foo has not been found"\r\n    }\r\n}\r\n')
+
+    def test_a_client_reading_late_gets_every_reply_in_order(self):
+        client = self.connect()
+        client.negotiate()
+        count = 3000  # about 2 MB of replies: far more than a socket buffer holds
+        client.send("".join(json.dumps({"execute": "query-commands", "id": i})
+                            for i in range(count)))
+        time.sleep(0.5)
+        ids = [client.receive()["id"] for _ in range(count)]
+        self.assertEqual(ids, list(range(count)))
+
     def test_quit_closes_the_connection_and_exits_0(self):
         client = self.connect()
         client.negotiate()
@@ -447,9 +500,12 @@ class RingblkOnly(unittest.TestCase):
                 client.send(chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass  # disconnected while sending: the error reply may still be readable
-        reply = client.receive()
-        self.assertEqual(reply["error"]["class"], "GenericError")
-        self.assertIsNone(client.receive())
+        self.assertEqual(client.receive(),
+                         error("GenericError", "JSON text longer than 1048576 bytes"))
+        try:
+            self.assertIsNone(client.receive())
+        except ConnectionResetError:
+            pass  # closed with our unread bytes in its queue: Linux reports a reset
         client.close()
         other = RawClient(self.daemon.socket_path)
         other.negotiate()
