@@ -45,15 +45,20 @@ class Daemon:
             "--chardev", f"socket,id=m,path={self.socket_path},server=on,wait=off",
             "--monitor", monitor,
         ]
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.stderr_path = os.path.join(self.dir.name, "stderr")
+        with open(self.stderr_path, "wb") as stderr:
+            self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + TIMEOUT_S
         while not os.path.exists(self.socket_path):
             if self.process.poll() is not None:
-                _, err = self.process.communicate()
-                raise RuntimeError(f"{binary} exited at startup: {err.decode()}")
+                raise RuntimeError(f"{binary} exited at startup: {self.stderr()}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{binary} did not create {self.socket_path}")
             time.sleep(0.01)
+
+    def stderr(self):
+        with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
 
     def path(self, name):
         return os.path.join(self.dir.name, name)
@@ -70,8 +75,6 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.process.stdout.close()
-        self.process.stderr.close()
         self.dir.cleanup()
 
 
@@ -411,6 +414,25 @@ class RawBehaviour:
         ids = [client.receive()["id"] for _ in range(count)]
         self.assertEqual(ids, list(range(count)))
 
+    def test_quit_deletes_exports_before_it_replies(self):
+        client = self.connect()
+        client.negotiate()
+        client.execute("blockdev-add", {"driver": "null-co", "node-name": "n"})
+        client.execute("block-export-add", {
+            "type": "vhost-user-blk", "id": "e", "node-name": "n",
+            "addr": {"type": "unix", "path": self.daemon.path("vhost.sock")}})
+        event = client.execute("quit")
+        self.assertEqual((event["event"], event["data"]), ("BLOCK_EXPORT_DELETED", {"id": "e"}))
+        self.assertEqual(client.receive(), {"return": {}})
+        self.assertIsNone(client.receive())
+        self.assertEqual(self.daemon.wait(), 0)
+        self.assertFalse(os.path.exists(self.daemon.path("vhost.sock")))
+
+    def test_sigterm_exits_0_and_removes_the_socket(self):
+        self.daemon.process.terminate()
+        self.assertEqual(self.daemon.wait(), 0)
+        self.assertFalse(os.path.exists(self.daemon.socket_path))
+
     def test_quit_closes_the_connection_and_exits_0(self):
         client = self.connect()
         client.negotiate()
@@ -512,6 +534,27 @@ class RingblkOnly(unittest.TestCase):
         self.assertIn("return", other.execute("query-version"))
         other.close()
 
+    def test_a_client_that_never_reads_is_disconnected_and_the_daemon_lives_on(self):
+        client = self.connect()
+        client.negotiate()
+        request = json.dumps({"execute": "query-commands"}).encode()
+        # Each reply is about 300 bytes: 60000 of them are twice the 8 MiB bound.
+        try:
+            client.send(request * 60000)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        replies = 0
+        try:
+            while client.receive() is not None:
+                replies += 1
+        except ConnectionResetError:
+            pass
+        self.assertLess(replies, 60000)
+        self.assertIn("QMP client does not read its replies", self.daemon.stderr())
+        other = self.connect()
+        other.negotiate()
+        self.assertIn("return", other.execute("query-version"))
+
     def test_events_wait_for_negotiation(self):
         silent, talker = RawClient(self.daemon.socket_path), RawClient(self.daemon.socket_path)
         silent.receive()
@@ -527,10 +570,6 @@ class RingblkOnly(unittest.TestCase):
         silent.close()
         talker.close()
 
-    def test_sigterm_exits_0_and_removes_the_socket(self):
-        self.daemon.process.terminate()
-        self.assertEqual(self.daemon.wait(), 0)
-        self.assertFalse(os.path.exists(self.daemon.socket_path))
 
 
 class RingblkQmp(QmpBehaviour, unittest.IsolatedAsyncioTestCase):
