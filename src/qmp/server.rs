@@ -31,7 +31,7 @@ use std::rc::{Rc, Weak};
 
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, recv, send};
-use ringblk_ring::buf::{OwnedBuf, Window, total_len};
+use ringblk_ring::buf::{IoBuffers, OwnedBuf, Window, total_len};
 use ringblk_ring::{Context, Group, Op, SourceId};
 use serde_json::{Map, Value};
 
@@ -308,7 +308,7 @@ impl Client {
     }
 
     /// Submits a write of `buf`; its completion continues with the rest and the queue.
-    fn write(&self, buf: Box<dyn ringblk_ring::buf::IoBuffers>) {
+    fn write(&self, buf: Box<dyn IoBuffers>) {
         let Some(client) = self.me.upgrade() else {
             return;
         };

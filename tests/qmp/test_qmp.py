@@ -354,6 +354,27 @@ class RawBehaviour:
                     expected["id"] = request_id
                 self.assertEqual(client.receive(), expected)
 
+    def test_parse_errors_get_qsd_messages(self):
+        client = self.connect()
+        client.negotiate()
+        cases = [
+            ('{1: 2}', "JSON parse error, key is not a string in object"),
+            ('{"a": 1 "b": 2}', "JSON parse error, expected separator in dict"),
+            ("[1 2]", "JSON parse error, expected separator in list"),
+            ('{"a": 1,}', "JSON parse error, expecting value"),
+            ("[1,]", "JSON parse error, expecting value"),
+            ('{"a": tru}', "JSON parse error, invalid keyword 'tru'"),
+            ('{"a": "\\x"}', "JSON parse error, invalid escape sequence in string"),
+            ("{]", "JSON parse error, expecting value"),
+            ("true ", "QMP input must be a JSON object"),
+            ("null ", "QMP input must be a JSON object"),
+            ('"x"', "QMP input must be a JSON object"),
+        ]
+        for text, desc in cases:
+            with self.subTest(text=text):
+                client.send(text)
+                self.assertEqual(client.receive(), error("GenericError", desc))
+
     def test_texts_split_across_writes_and_joined_in_one_write(self):
         client = self.connect()
         client.negotiate()
