@@ -47,7 +47,15 @@ fn one_switch(ctx: &Context, ring: &Remote, in_flight: u64) -> Duration {
         rings: vec![ring.clone()],
     });
     let (tx, rx) = channel();
-    let mirror = Mirror::create(&source, &target, MirrorOptions::new("bench"), Some(tx)).unwrap();
+    let mirror = Mirror::create(
+        &source,
+        &target,
+        MirrorOptions::new("bench"),
+        Some(Box::new(move |e| {
+            let _ = tx.send(e);
+        })),
+    )
+    .unwrap();
     mirror.start().unwrap();
     run_until_event(ctx, &rx, |e| matches!(e, JobEvent::Ready(_)));
     for i in 0..in_flight {
@@ -97,9 +105,15 @@ fn switch(c: &mut Criterion) {
                     let (source, target) = (null("source", COPY), null("target", COPY));
                     let (tx, rx) = channel();
                     let start = Instant::now();
-                    let mirror =
-                        Mirror::create(&source, &target, MirrorOptions::new("copy"), Some(tx))
-                            .unwrap();
+                    let mirror = Mirror::create(
+                        &source,
+                        &target,
+                        MirrorOptions::new("copy"),
+                        Some(Box::new(move |e| {
+                            let _ = tx.send(e);
+                        })),
+                    )
+                    .unwrap();
                     mirror.start().unwrap();
                     run_until_event(&ctx, &rx, |e| matches!(e, JobEvent::Ready(_)));
                     let elapsed = start.elapsed();

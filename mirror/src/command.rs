@@ -8,7 +8,6 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::mpsc::Sender;
 
 use ringblk_blkgraph::{Node, drained_begin};
 use ringblk_ring::{Context, Group};
@@ -19,7 +18,7 @@ use crate::filter::{MirrorTop, Shared};
 use crate::job::{Config, Goal, Job, Phase, State};
 use crate::options::{CopyMode, MirrorOptions, OP_BYTES_MAX};
 use crate::ratelimit::RateLimit;
-use crate::status::{IoStatus, JobEvent, JobInfo, JobStatus, Verb};
+use crate::status::{EventSink, IoStatus, JobEvent, JobInfo, JobStatus, Verb};
 
 /// A mirror job (QEMU's `blockdev-mirror` with `sync=full`), driven on the main context.
 ///
@@ -32,12 +31,14 @@ impl Mirror {
     /// `source` (every backend handle on `source` moves to the filter inside a drained section
     /// of `source`) and starts tracking guest writes. Copying begins with [`Mirror::start`].
     ///
-    /// Events go to `events` in the order they happen. Call on the main context.
+    /// Events go to `events` in the order they happen, each as it happens (the daemon turns
+    /// them into QMP events at once: pivot latency is measured to BLOCK_JOB_COMPLETED).
+    /// Call on the main context.
     pub fn create(
         source: &Node,
         target: &Node,
         options: MirrorOptions,
-        events: Option<Sender<JobEvent>>,
+        events: Option<EventSink>,
     ) -> Result<Mirror, MirrorError> {
         let buf_size = options.validate()?;
         let invalid = |m: &str| Err(MirrorError::InvalidParameter(m.to_owned()));

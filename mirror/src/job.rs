@@ -18,7 +18,6 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use ringblk_blkgraph::{Drained, Node, drained_begin};
@@ -28,7 +27,9 @@ use crate::error::MirrorError;
 use crate::filter::Shared;
 use crate::options::{CopyMode, OnError};
 use crate::ratelimit::RateLimit;
-use crate::status::{ErrorAction, IoOperation, IoStatus, JobEvent, JobProgress, JobStatus, Verb};
+use crate::status::{
+    ErrorAction, EventSink, IoOperation, IoStatus, JobEvent, JobProgress, JobStatus, Verb,
+};
 
 /// Copy buffers an idle job keeps.
 const IDLE_POOL_BYTES: u64 = 2 << 20;
@@ -102,7 +103,7 @@ pub(crate) struct Job {
     pub(crate) filter: Node,
     pub(crate) shared: Arc<Shared>,
     pub(crate) cfg: Config,
-    pub(crate) events: Option<Sender<JobEvent>>,
+    pub(crate) events: Option<EventSink>,
     pub(crate) st: RefCell<State>,
     pub(crate) wake_source: Cell<Option<SourceId>>,
     pub(crate) pool: RefCell<Vec<Vec<u8>>>,
@@ -132,8 +133,8 @@ impl Job {
     }
 
     pub(crate) fn emit(&self, event: JobEvent) {
-        if let Some(tx) = &self.events {
-            let _ = tx.send(event);
+        if let Some(sink) = &self.events {
+            sink(event);
         }
     }
 

@@ -63,5 +63,5 @@ pub use command::Mirror;
 pub use error::MirrorError;
 pub use options::{BUF_SIZE_DEFAULT, CopyMode, MirrorOptions, OP_BYTES_MAX, OnError};
 pub use status::{
-    ErrorAction, IoOperation, IoStatus, JobEvent, JobInfo, JobProgress, JobStatus, Verb,
+    ErrorAction, EventSink, IoOperation, IoStatus, JobEvent, JobInfo, JobProgress, JobStatus, Verb,
 };

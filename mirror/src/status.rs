@@ -187,6 +187,9 @@ pub struct JobProgress {
     pub speed: u64,
 }
 
+/// Where a job's events go: called on the main context as each event happens.
+pub type EventSink = Box<dyn Fn(JobEvent)>;
+
 /// What a job tells its owner. Each variant is one QMP event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobEvent {

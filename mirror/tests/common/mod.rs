@@ -15,14 +15,14 @@ use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use ringblk_blkgraph::file::{FileNode, FileOptions};
 use ringblk_blkgraph::{BackendHandle, BlockResult, Driver, Limits, MuteTarget, Node, Request};
-use ringblk_mirror::{JobEvent, JobStatus};
+use ringblk_mirror::{EventSink, JobEvent, JobStatus};
 use ringblk_ring::buf::{self, OwnedBuf};
 use ringblk_ring::{Context, Group, Op, Remote, Wait};
 
@@ -129,10 +129,12 @@ pub struct Events {
 }
 
 impl Events {
-    pub fn new() -> (Sender<JobEvent>, Events) {
-        let (tx, rx) = channel();
+    pub fn new() -> (EventSink, Events) {
+        let (tx, rx) = channel::<JobEvent>();
         (
-            tx,
+            Box::new(move |e| {
+                let _ = tx.send(e);
+            }),
             Events {
                 rx,
                 seen: Vec::new(),
