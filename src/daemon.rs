@@ -9,6 +9,7 @@ use std::time::Duration;
 use ringblk_blkgraph::file::{FileNode, FileOptions};
 use ringblk_blkgraph::null::{NullCo, NullOptions};
 use ringblk_blkgraph::{BackendHandle, Node, Request};
+use ringblk_mirror::{JobStatus, Mirror};
 use ringblk_ring::{Context, IoThread};
 use ringblk_virtio::{Export, ExportConfig};
 use serde_json::{Value, json};
@@ -51,6 +52,7 @@ struct ExportEntry {
 
 /// Everything the daemon serves. Lives on the main context.
 pub struct Daemon {
+    jobs: BTreeMap<String, Mirror>,
     nodes: BTreeMap<String, Node>,
     iothreads: BTreeMap<String, IoThread>,
     exports: BTreeMap<String, ExportEntry>,
@@ -60,6 +62,7 @@ impl Daemon {
     /// An empty daemon on the current (main) context.
     pub fn new() -> Daemon {
         Daemon {
+            jobs: BTreeMap::new(),
             nodes: BTreeMap::new(),
             iothreads: BTreeMap::new(),
             exports: BTreeMap::new(),
@@ -75,9 +78,26 @@ impl Daemon {
         })
     }
 
-    /// Registers a node built elsewhere (the mirror's filter is not named; targets are).
-    pub fn insert_node(&mut self, node: Node) {
-        self.nodes.insert(node.name().to_owned(), node);
+    /// Keeps a started job under its id.
+    pub fn add_job(&mut self, job: Mirror) {
+        self.jobs.insert(job.id().to_owned(), job);
+    }
+
+    /// The job `id`.
+    pub fn job(&self, id: &str) -> Result<&Mirror, DaemonError> {
+        self.jobs
+            .get(id)
+            .ok_or_else(|| generic(format!("Job '{id}' not found")))
+    }
+
+    /// Every job, by id.
+    pub fn jobs(&self) -> impl Iterator<Item = &Mirror> {
+        self.jobs.values()
+    }
+
+    /// Forgets the jobs that reached NULL (dismissed).
+    pub fn forget_finished_jobs(&mut self) {
+        self.jobs.retain(|_, job| job.status() != JobStatus::Null);
     }
 
     /// `--blockdev` / `blockdev-add`.
@@ -222,15 +242,6 @@ impl Daemon {
     /// The ids of the exports, in order.
     pub fn export_ids(&self) -> Vec<String> {
         self.exports.keys().cloned().collect()
-    }
-
-    /// The backend handles of the exports whose device sits on `node` (for the mirror's pivot).
-    pub fn handles_on(&self, node: &Node) -> Vec<BackendHandle> {
-        self.exports
-            .values()
-            .map(|e| e.export.handle().clone())
-            .filter(|h| h.root().same(node))
-            .collect()
     }
 
     /// `query-named-block-nodes`, in QSD's shape for the fields ringblk has.

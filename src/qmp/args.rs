@@ -69,6 +69,33 @@ impl Arguments {
         }
     }
 
+    /// A mandatory member of an enum type whose values are `values`.
+    pub fn enumeration(&mut self, name: &str, values: &[&str]) -> Result<String, QmpError> {
+        self.optional_enum(name, values)?
+            .ok_or_else(|| QmpError::generic(format!("Parameter '{name}' is missing")))
+    }
+
+    /// An optional unsigned integer member (QAPI `int`/`size` that must not be negative).
+    pub fn optional_u64(&mut self, name: &str) -> Result<Option<u64>, QmpError> {
+        match self.0.remove(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(v) => Ok(Some(v)),
+                None if n.is_i64() => Err(QmpError::generic(format!(
+                    "Parameter '{name}' expects a non-negative value"
+                ))),
+                None => Err(type_error(name, "integer")),
+            },
+            Some(_) => Err(type_error(name, "integer")),
+        }
+    }
+
+    /// A mandatory unsigned integer member.
+    pub fn u64(&mut self, name: &str) -> Result<u64, QmpError> {
+        self.optional_u64(name)?
+            .ok_or_else(|| QmpError::generic(format!("Parameter '{name}' is missing")))
+    }
+
     /// An optional list of an enum type whose values are `values`; absent is empty.
     pub fn optional_enum_list(
         &mut self,

@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 use super::QmpError;
 use super::args::Arguments;
 use super::events::Events;
+use super::jobs;
 use crate::cli::QSD_VERSION;
 use crate::daemon::Daemon;
 use crate::options::{BlockdevOptions, ExportOptions, Form, ObjectOptions};
@@ -47,6 +48,23 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("query-block-exports", query_block_exports),
     ("object-add", object_add),
     ("object-del", object_del),
+    ("blockdev-mirror", jobs::blockdev_mirror),
+    ("query-block-jobs", jobs::query_block_jobs),
+    ("query-jobs", jobs::query_jobs),
+    ("block-job-complete", jobs::block_job_complete),
+    ("block-job-cancel", jobs::block_job_cancel),
+    ("block-job-pause", jobs::block_job_pause),
+    ("block-job-resume", jobs::block_job_resume),
+    ("block-job-finalize", jobs::block_job_finalize),
+    ("block-job-dismiss", jobs::block_job_dismiss),
+    ("block-job-set-speed", jobs::block_job_set_speed),
+    ("block-job-change", jobs::block_job_change),
+    ("job-complete", jobs::job_complete),
+    ("job-cancel", jobs::job_cancel),
+    ("job-pause", jobs::job_pause),
+    ("job-resume", jobs::job_resume),
+    ("job-finalize", jobs::job_finalize),
+    ("job-dismiss", jobs::job_dismiss),
 ];
 
 /// The handler of command `name`.

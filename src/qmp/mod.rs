@@ -26,6 +26,7 @@
 mod args;
 mod commands;
 mod events;
+mod jobs;
 mod json;
 mod monitor;
 mod server;

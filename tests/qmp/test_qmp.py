@@ -531,6 +531,10 @@ class RingblkOnly(unittest.TestCase):
             "blockdev-add", "blockdev-del", "query-named-block-nodes",
             "block-export-add", "block-export-del", "query-block-exports",
             "object-add", "object-del",
+            "blockdev-mirror", "query-block-jobs", "query-jobs",
+            "block-job-complete", "block-job-cancel", "block-job-pause", "block-job-resume",
+            "block-job-finalize", "block-job-dismiss", "block-job-set-speed", "block-job-change",
+            "job-complete", "job-cancel", "job-pause", "job-resume", "job-finalize", "job-dismiss",
         })
 
     def test_endless_text_gets_an_error_and_a_disconnect_and_the_daemon_lives_on(self):
