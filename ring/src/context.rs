@@ -20,14 +20,15 @@ use io_uring::{IoUring, types};
 
 use crate::op::Op;
 use crate::remote::{Remote, RemoteTask, Shared};
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::Ordering;
 use crate::{Group, eventfd_drain};
 
 thread_local! {
     static CURRENT: RefCell<Option<Context>> = const { RefCell::new(None) };
 }
 
-static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
+/// Context ids; std's atomic even under loom (loom's cannot live in a static).
+static NEXT_CONTEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Completion callback of an op: gets the op back (with its buffers) and the result.
 pub type Done = Box<dyn FnOnce(Op, io::Result<u32>)>;
@@ -158,7 +159,7 @@ impl Context {
             .setup_single_issuer()
             .build(entries)
             .or_else(|_| IoUring::new(entries))?;
-        let id = NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let id = NEXT_CONTEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (shared, rx) = Shared::new(id)?;
         let ctx = Context(Rc::new(Inner {
             id,
