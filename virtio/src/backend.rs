@@ -12,6 +12,7 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ringblk_blkgraph::BackendHandle;
 use ringblk_ring::{Group, Remote};
@@ -33,6 +34,10 @@ use crate::serve::{self, QueueStart};
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const MAX_MEM_SLOTS: u64 = 32;
 const QUEUE_SIZE_MAX: u32 = 32768;
+
+/// Keys of running queues. A ring context keeps the queues it serves in one table for every
+/// export and connection it serves, so keys must be unique in the process, not per connection.
+static NEXT_QUEUE_KEY: AtomicU64 = AtomicU64::new(0);
 
 /// What an export tells its backend about itself.
 pub(crate) struct Device {
@@ -64,7 +69,6 @@ pub(crate) struct BlkBackend {
     protocol_features: u64,
     memory: Option<Arc<MemoryTable>>,
     vrings: Vec<Vring>,
-    next_key: u64,
 }
 
 impl BlkBackend {
@@ -76,7 +80,6 @@ impl BlkBackend {
             protocol_features: 0,
             memory: None,
             vrings: (0..queues).map(|_| Vring::default()).collect(),
-            next_key: 0,
         }
     }
 
@@ -151,8 +154,7 @@ impl BlkBackend {
             call,
             device_id: self.device.device_id,
         };
-        let key = self.next_key;
-        self.next_key += 1;
+        let key = NEXT_QUEUE_KEY.fetch_add(1, Ordering::Relaxed);
         self.ring_of(index).call(move || serve::start(key, start));
         self.vrings[index].running = Some(key);
         Ok(())
@@ -198,6 +200,22 @@ fn region_desc(r: &VhostUserMemoryRegion) -> RegionDesc {
         userspace_addr: r.user_addr,
         mmap_offset: r.mmap_offset,
     }
+}
+
+/// Makes a kick or call eventfd non-blocking. The frontend chose its flags, and on a blocking
+/// eventfd a read racing the frontend's own, or a write at the counter's limit, would block
+/// the ring context and every queue on it. The flag is shared with the frontend's copy of the
+/// fd, which frontends create non-blocking anyway (QEMU's event notifiers are).
+fn set_nonblocking(fd: Option<File>) -> Result<Option<File>> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    if let Some(file) = &fd {
+        let flags =
+            fcntl(file.as_fd(), FcntlArg::F_GETFL).map_err(|e| Error::ReqHandlerError(e.into()))?;
+        let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
+        fcntl(file.as_fd(), FcntlArg::F_SETFL(flags))
+            .map_err(|e| Error::ReqHandlerError(e.into()))?;
+    }
+    Ok(fd)
 }
 
 fn refuse<T>(what: &'static str) -> Result<T> {
@@ -302,6 +320,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
         let i = usize::from(index);
         self.vring(u32::from(index))?;
+        let fd = set_nonblocking(fd)?;
         self.stop(i);
         self.vrings[i].kick = fd;
         self.try_start(i)
@@ -310,6 +329,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
         let i = usize::from(index);
         self.vring(u32::from(index))?;
+        let fd = set_nonblocking(fd)?;
         if let Some(key) = self.vrings[i].running {
             let call = fd
                 .as_ref()

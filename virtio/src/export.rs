@@ -10,17 +10,29 @@
 //! next connection waits in the backlog; after a disconnect (or a frontend killed mid-I/O) every
 //! queue is stopped, each waiting for its in-flight requests, and the memory is unmapped only
 //! then; the export then accepts the next connection (QEMU's reconnect).
+//!
+//! The frontend is untrusted (design invariant 4), and the main context serves every export, so
+//! no frontend may block it: a message is handed to the vhost crate, whose reads block, only
+//! once the socket holds all of it. A frontend that stops halfway through a message is given
+//! [`PARTIAL_MESSAGE_TIMEOUT`] to finish, its connection muted meanwhile, then disconnected.
+//! A refused request that the frontend waits on (one with a reply, or NEED_REPLY) ends the
+//! connection too: the vhost crate answers some refusals and not others, and a frontend left
+//! waiting for an answer would hang.
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::socket::{MsgFlags, recv};
 use ringblk_blkgraph::{BackendHandle, MuteTarget};
-use ringblk_ring::{Context, Group, Remote, SourceId};
+use ringblk_ring::{Context, Group, Op, Remote, SourceId};
+use vhost::vhost_user::message::{FrontendReq, MAX_MSG_SIZE, VhostUserHeaderFlag};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use crate::backend::{BlkBackend, Device};
@@ -41,12 +53,37 @@ pub struct ExportConfig {
     pub logical_block_size: u32,
 }
 
+/// How long a frontend may take to send the rest of a message it has begun.
+const PARTIAL_MESSAGE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a partly received message is looked at again meanwhile.
+const PARTIAL_MESSAGE_RECHECK: Duration = Duration::from_millis(10);
+/// Bytes of a vhost-user message header: request, flags, size (native endian u32s).
+const HEADER_BYTES: usize = 12;
+
+/// Requests that are always answered with a message of their own (not a REPLY_ACK).
+const ANSWERED: [FrontendReq; 12] = [
+    FrontendReq::GET_FEATURES,
+    FrontendReq::GET_PROTOCOL_FEATURES,
+    FrontendReq::GET_VRING_BASE,
+    FrontendReq::GET_QUEUE_NUM,
+    FrontendReq::GET_CONFIG,
+    FrontendReq::GET_INFLIGHT_FD,
+    FrontendReq::GET_MAX_MEM_SLOTS,
+    FrontendReq::GET_STATUS,
+    FrontendReq::GET_SHARED_OBJECT,
+    FrontendReq::SET_DEVICE_STATE_FD,
+    FrontendReq::CHECK_DEVICE_STATE,
+    FrontendReq::GET_SHMEM_CONFIG,
+];
+
 type Handler = BackendReqHandler<Mutex<BlkBackend>>;
 
 struct Connection {
     handler: Handler,
     backend: Arc<Mutex<BlkBackend>>,
     source: SourceId,
+    /// When the message now partly received began to arrive.
+    partial_since: Option<Instant>,
 }
 
 struct Inner {
@@ -188,32 +225,143 @@ fn accept(inner: &Rc<Inner>) {
         handler,
         backend,
         source,
+        partial_since: None,
     });
 }
 
 fn serve_message(inner: &Rc<Inner>) {
+    let buffered = match inner.connection.borrow().as_ref() {
+        Some(conn) => buffered(conn.handler.as_raw_fd()),
+        None => return,
+    };
+    let header = match buffered {
+        Buffered::Nothing => return,
+        Buffered::Part => return wait_for_rest(inner),
+        Buffered::Whole(header) => header,
+    };
     let result = match inner.connection.borrow_mut().as_mut() {
-        Some(conn) => conn.handler.handle_request(),
+        Some(conn) => {
+            conn.partial_since = None;
+            conn.handler.handle_request()
+        }
         None => return,
     };
     match result {
         Ok(()) => {}
-        Err(VhostError::Disconnected) => {
-            disconnect(inner);
-            listen(inner);
-        }
+        Err(VhostError::Disconnected) => reconnectable(inner),
         Err(e) if is_fatal(&e) => {
             eprintln!(
                 "ringblk: export '{}': closing the connection: {e}",
                 inner.device.export_id
             );
-            disconnect(inner);
-            listen(inner);
+            reconnectable(inner);
+        }
+        Err(e) if header.is_some_and(|h| h.awaits_answer()) => {
+            eprintln!(
+                "ringblk: export '{}': closing the connection: request {} refused while the frontend waits for an answer: {e}",
+                inner.device.export_id,
+                header.map_or(0, |h| h.request),
+            );
+            reconnectable(inner);
         }
         Err(e) => eprintln!(
             "ringblk: export '{}': vhost-user request refused: {e}",
             inner.device.export_id
         ),
+    }
+}
+
+/// Drops the connection and listens for the next frontend.
+fn reconnectable(inner: &Rc<Inner>) {
+    disconnect(inner);
+    listen(inner);
+}
+
+/// What a vhost-user message header says about its request.
+#[derive(Clone, Copy, Debug)]
+struct Header {
+    request: u32,
+    flags: u32,
+    size: u32,
+}
+
+impl Header {
+    fn parse(b: [u8; HEADER_BYTES]) -> Header {
+        let [r0, r1, r2, r3, f0, f1, f2, f3, s0, s1, s2, s3] = b;
+        Header {
+            request: u32::from_ne_bytes([r0, r1, r2, r3]),
+            flags: u32::from_ne_bytes([f0, f1, f2, f3]),
+            size: u32::from_ne_bytes([s0, s1, s2, s3]),
+        }
+    }
+
+    /// Whether the frontend waits for an answer to this request.
+    fn awaits_answer(&self) -> bool {
+        self.flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0
+            || ANSWERED.iter().any(|&r| u32::from(r) == self.request)
+    }
+}
+
+/// How much of the next message the connection's socket holds.
+enum Buffered {
+    /// Nothing to read (a wake-up without data).
+    Nothing,
+    /// The beginning of a message: reading it now would block.
+    Part,
+    /// A whole message (its header, when it could be peeked), or the end of the stream, or a
+    /// socket error: the vhost crate reads it without blocking.
+    Whole(Option<Header>),
+}
+
+fn buffered(fd: RawFd) -> Buffered {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD stores one c_int, the bytes queued on the socket, into the live local.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &raw mut queued) } < 0 {
+        return Buffered::Whole(None);
+    }
+    let queued = usize::try_from(queued).unwrap_or(0);
+    let mut header = [0u8; HEADER_BYTES];
+    match recv(fd, &mut header, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+        Err(Errno::EAGAIN) => Buffered::Nothing,
+        Err(_) | Ok(0) => Buffered::Whole(None),
+        Ok(_) if queued < HEADER_BYTES => Buffered::Part,
+        // The header is all there, split where file descriptors were attached: a peek stops
+        // there, a read does not.
+        Ok(n) if n < HEADER_BYTES => Buffered::Whole(None),
+        Ok(_) => {
+            let h = Header::parse(header);
+            let size = usize::try_from(h.size).unwrap_or(usize::MAX);
+            // An oversized message is refused from its header alone.
+            if size > MAX_MSG_SIZE || queued >= HEADER_BYTES + size {
+                Buffered::Whole(Some(h))
+            } else {
+                Buffered::Part
+            }
+        }
+    }
+}
+
+/// A message has begun to arrive but is not whole: looks again a little later, the connection
+/// muted meanwhile (its socket stays readable, which would otherwise dispatch it in a busy
+/// loop); disconnects a frontend that has not finished within PARTIAL_MESSAGE_TIMEOUT.
+fn wait_for_rest(inner: &Rc<Inner>) {
+    let since = match inner.connection.borrow_mut().as_mut() {
+        Some(conn) => *conn.partial_since.get_or_insert_with(Instant::now),
+        None => return,
+    };
+    if since.elapsed() >= PARTIAL_MESSAGE_TIMEOUT {
+        eprintln!(
+            "ringblk: export '{}': closing the connection: a message left incomplete for {PARTIAL_MESSAGE_TIMEOUT:?}",
+            inner.device.export_id
+        );
+        return reconnectable(inner);
+    }
+    let ctx = Context::current();
+    ctx.mute(inner.control);
+    let control = inner.control;
+    let unmute = move |_op, _result| Context::current().unmute(control);
+    if let Err(rejected) = ctx.submit(Op::timeout(PARTIAL_MESSAGE_RECHECK), unmute) {
+        rejected.fail_later();
     }
 }
 
