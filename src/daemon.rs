@@ -267,6 +267,13 @@ impl Daemon {
         Value::Array(nodes)
     }
 
+    /// The node export `id` serves now (it changes at a mirror's pivot).
+    pub fn export_node(&self, id: &str) -> Option<String> {
+        self.exports
+            .get(id)
+            .map(|e| e.export.handle().root().name().to_owned())
+    }
+
     /// `query-block-exports`.
     pub fn query_block_exports(&self) -> Value {
         let exports: Vec<Value> = self
