@@ -1,10 +1,17 @@
 //! Drained sections.
 //!
 //! `drained_begin(node)` first mutes the external sources of every device above `node` (on each
-//! context that serves them, acknowledged), then raises the quiesce counter of `node` and of
-//! every node below it, then runs the current context until none of them has a request in
-//! flight. Until the returned [`Drained`] is dropped, nothing is in flight in those nodes and
-//! nothing new enters them: devices are muted, and any other submitter is parked at the gate.
+//! context that serves them, acknowledged), then raises the quiesce counter of `node`, of every
+//! node below it and of every node above it, then runs the current context until none of them
+//! has a request in flight. Until the returned [`Drained`] is dropped, nothing is in flight in
+//! those nodes and nothing new enters them: devices are muted, and any other submitter is parked
+//! at the gate.
+//!
+//! Why the nodes above: a request a filter has admitted is already in flight in the filter, and
+//! the filter forwards it to its child past the child's gate (`submit_drained`); parking it
+//! there would make a drain of the filter wait for a request that only runs after the drain
+//! ends. So the gate that holds new requests is the topmost one, and a drain of a child closes
+//! its parents' gates and waits for their requests too (as QEMU drains the parents of a node).
 //! Dropping it (drained_end) lowers the counters, releases parked requests and unmutes, in that
 //! order. Sections nest: each level is a counter.
 
@@ -22,10 +29,16 @@ pub struct Drained {
     muted: Vec<(Group, Remote)>,
 }
 
-/// Begins a drained section of `node` and everything below it; returns when it is drained.
+/// Begins a drained section of `node`, everything below it and everything above it; returns
+/// when it is drained.
 pub fn drained_begin(node: &Node) -> Drained {
     let muted = mute_devices_above(node);
-    let nodes = node.subtree();
+    let mut nodes = node.subtree();
+    for n in node.ancestry() {
+        if !nodes.iter().any(|o| o.same(&n)) {
+            nodes.push(n);
+        }
+    }
     for n in &nodes {
         n.quiesce_inc();
     }

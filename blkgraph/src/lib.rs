@@ -8,9 +8,10 @@
 //! ## Invariants
 //! - **Requests run on their submitter's context** and complete there, never inline.
 //! - **Drained means empty** (design invariant 2): between [`drained_begin`] returning and the
-//!   guard being dropped, the node and its children have nothing in flight, the external sources
-//!   of every device above are muted on every context serving them, and any other request waits
-//!   at the node's gate. Sections nest.
+//!   guard being dropped, the node, its children and its parents have nothing in flight, the
+//!   external sources of every device above are muted on every context serving them, and any
+//!   other request waits at a gate. Sections nest. A filter forwards the requests it admitted
+//!   past its child's gate ([`Node::submit_drained`]); only the topmost gate holds new ones.
 //! - **In flight until completed**: a request counts in its node from the gate until its
 //!   completion callback has returned, so a device's "status written to the used ring" happens
 //!   inside the count.

@@ -80,7 +80,8 @@ impl Driver for FaultNode {
 
     fn submit(&self, req: Request, done: Done) {
         let faults = self.faults.clone();
-        self.child.submit(
+        // Admitted by this node's gate: past the child's (see `drain`).
+        self.child.submit_drained(
             req,
             Box::new(move |result, req| {
                 let fail = if req.is_write() {

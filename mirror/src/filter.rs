@@ -122,7 +122,7 @@ impl MirrorTop {
     fn background_write(&self, req: Request, done: Done, chunks: Range<u64>) {
         self.shared.mark_dirty(chunks.clone());
         let shared = self.shared.clone();
-        self.source.submit(
+        self.source.submit_drained(
             req,
             Box::new(move |result, req| {
                 shared.mark_dirty(chunks);
@@ -185,7 +185,7 @@ impl MirrorTop {
             guest: Some((req, done)),
         }));
         let w = write.clone();
-        self.source.submit(
+        self.source.submit_drained(
             to_source,
             Box::new(move |result, _| ActiveWrite::side_done(&w, Side::Source, result)),
         );
@@ -276,8 +276,10 @@ impl Driver for MirrorTop {
     }
 
     fn submit(&self, req: Request, done: Done) {
+        // Requests this node admitted go past the source's gate: a drain that includes the
+        // source also includes this node and waits for them (see blkgraph's `drain`).
         if !req.is_write() {
-            return self.source.submit(req, done);
+            return self.source.submit_drained(req, done);
         }
         let (offset, len) = req.range().expect("write-type requests have a range");
         // Count first, read the mode second: a write-blocking write that reads the mode after a
