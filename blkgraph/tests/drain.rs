@@ -334,12 +334,18 @@ fn drain_of_a_child_closes_the_gates_above_and_waits_for_their_requests() {
         let admitted = start(&top, read(0, 512));
         let drained = drained_begin(&child);
         assert_eq!(top.quiesce_counter(), 1, "the parent's gate is closed too");
-        assert!(admitted.borrow().is_some(), "the parent's request was waited for");
+        assert!(
+            admitted.borrow().is_some(),
+            "the parent's request was waited for"
+        );
         let late = start(&top, read(0, 512));
         for _ in 0..5 {
             ctx.turn(Wait::No);
         }
-        assert!(late.borrow().is_none(), "new requests wait at the topmost gate");
+        assert!(
+            late.borrow().is_none(),
+            "new requests wait at the topmost gate"
+        );
         drop(drained);
         ctx.run_until(|| late.borrow().is_some());
     });
