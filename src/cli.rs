@@ -57,11 +57,13 @@ qemu-storage-daemon, for the subset below.
   --export [type=]vhost-user-blk,id=<id>,node-name=<node-name>,
            addr.type=unix,addr.path=<socket-path>[,writable=on|off]
            [,logical-block-size=<block-size>][,num-queues=<num-queues>]
-           [,iothread=<iothread-id>]
+           [,iothread=<iothread-id>|iothread.0=<id>,iothread.1=<id>...]
                          export the specified block node as a vhost-user-blk
                          device over a UNIX domain socket. writable defaults to
                          off; logical-block-size is a power of 2 from 512 to 2M
-                         (default 512); num-queues defaults to 1
+                         (default 512); num-queues defaults to 1. Queue i is
+                         served by the i-th iothread listed, round robin (a list
+                         is ringblk's extension; QSD 10.0 takes one iothread)
 
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                          configure a QMP monitor
@@ -442,8 +444,8 @@ impl Registry {
                 };
                 let unknown_iothread = export
                     .iothread
-                    .as_ref()
-                    .filter(|iothread| !self.iothreads.contains(*iothread));
+                    .iter()
+                    .find(|iothread| !self.iothreads.contains(*iothread));
                 if let Some(iothread) = unknown_iothread {
                     return Err(format!("iothread \"{iothread}\" not found"));
                 }
@@ -1238,6 +1240,46 @@ mod tests {
         assert!(
             failures.is_empty(),
             "qemu-storage-daemon refused: {failures:#?}"
+        );
+    }
+
+    #[test]
+    fn export_takes_one_iothread_or_a_list_of_them() {
+        let export = "vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=/tmp/s";
+        let base = [
+            "--object",
+            "iothread,id=a",
+            "--object",
+            "iothread,id=b",
+            "--blockdev",
+            "null-co,node-name=n",
+        ];
+        for (extra, want) in [
+            ("iothread=a", vec!["a"]),
+            ("iothread.0=a,iothread.1=b", vec!["a", "b"]),
+            ("num-queues=1", vec![]),
+        ] {
+            let arg = format!("{export},{extra}");
+            let args: Vec<&str> = base
+                .iter()
+                .copied()
+                .chain(["--export", arg.as_str()])
+                .collect();
+            match &items(&args)[3] {
+                CliItem::Export(e) => assert_eq!(e.iothread, want, "{extra}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        let arg = format!("{export},iothread.0=a,iothread.1=zz");
+        let args: Vec<&str> = base
+            .iter()
+            .copied()
+            .chain(["--export", arg.as_str()])
+            .collect();
+        assert!(
+            run(&args)
+                .unwrap_err()
+                .contains("iothread \"zz\" not found")
         );
     }
 }

@@ -47,7 +47,7 @@ fn generic(message: impl Into<String>) -> DaemonError {
 struct ExportEntry {
     export: Export,
     path: PathBuf,
-    iothread: Option<String>,
+    iothreads: Vec<String>,
 }
 
 /// Everything the daemon serves. Lives on the main context.
@@ -178,7 +178,7 @@ impl Daemon {
         if let Some((export, _)) = self
             .exports
             .iter()
-            .find(|(_, e)| e.iothread.as_deref() == Some(id))
+            .find(|(_, e)| e.iothreads.iter().any(|t| t == id))
         {
             return Err(generic(format!(
                 "object '{id}' is in use by block export '{export}'"
@@ -199,15 +199,20 @@ impl Daemon {
         let ExportKind::VhostUserBlk(vub) = &options.kind;
         let SocketAddress::Unix(unix) = &vub.addr;
         let node = self.node(&options.node_name)?.clone();
-        let rings = match &options.iothread {
-            Some(id) => {
-                let thread = self
-                    .iothreads
-                    .get(id)
-                    .ok_or_else(|| generic(format!("iothread \"{id}\" not found")))?;
-                vec![thread.remote().clone()]
-            }
-            None => vec![Context::current().remote()],
+        // Queue i is served by iothread i % n (the export spreads them); none: the main context.
+        let rings = if options.iothread.is_empty() {
+            vec![Context::current().remote()]
+        } else {
+            options
+                .iothread
+                .iter()
+                .map(|id| {
+                    let thread = self.iothreads.get(id);
+                    thread
+                        .map(|t| t.remote().clone())
+                        .ok_or_else(|| generic(format!("iothread \"{id}\" not found")))
+                })
+                .collect::<Result<Vec<_>, _>>()?
         };
         let logical_block_size = u32::try_from(vub.logical_block_size)
             .map_err(|_| generic("logical-block-size is too large"))?;
@@ -223,7 +228,7 @@ impl Daemon {
         let entry = ExportEntry {
             export,
             path: unix.path.clone(),
-            iothread: options.iothread.clone(),
+            iothreads: options.iothread.clone(),
         };
         self.exports.insert(options.id.clone(), entry);
         Ok(())
@@ -280,16 +285,12 @@ impl Daemon {
             .exports
             .iter()
             .map(|(id, e)| {
-                let mut v = json!({
+                json!({
                     "id": id,
                     "type": "vhost-user-blk",
                     "node-name": e.export.handle().root().name(),
                     "shutting-down": false,
-                });
-                if let Some(t) = &e.iothread {
-                    v["iothread"] = json!(t);
-                }
-                v
+                })
             })
             .collect();
         Value::Array(exports)

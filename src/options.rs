@@ -466,8 +466,9 @@ pub struct ExportOptions {
     pub node_name: String,
     /// The export accepts writes (default: read-only, as in QEMU).
     pub writable: bool,
-    /// The iothread that serves the export; `None`: the main context.
-    pub iothread: Option<String>,
+    /// The iothreads that serve the export's queues, queue `i` on `iothread[i % len]`; empty:
+    /// the main context. QSD 10.0 takes one id (a string); a list is ringblk's extension.
+    pub iothread: Vec<String>,
     /// The export type and its options (QAPI's tag `type`).
     pub kind: ExportKind,
 }
@@ -505,13 +506,21 @@ pub struct UnixSocketAddress {
     pub path: PathBuf,
 }
 
+/// A string or a list of strings (`iothread=a`, or `iothread.0=a,iothread.1=b` / JSON `["a","b"]`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct ExportBaseWire {
     id: String,
     #[serde(default)]
     fixed_iothread: bool,
-    iothread: Option<String>,
+    iothread: Option<OneOrMany>,
     node_name: String,
     #[serde(default)]
     writable: bool,
@@ -613,7 +622,11 @@ impl ExportOptions {
             id: base.id,
             node_name: base.node_name,
             writable: base.writable,
-            iothread: base.iothread,
+            iothread: match base.iothread {
+                None => Vec::new(),
+                Some(OneOrMany::One(id)) => vec![id],
+                Some(OneOrMany::Many(ids)) => ids,
+            },
             kind,
         })
     }
@@ -2231,7 +2244,7 @@ mod tests {
                 id: "e".into(),
                 node_name: "n".into(),
                 writable: false,
-                iothread: None,
+                iothread: Vec::new(),
                 kind: ExportKind::VhostUserBlk(BlockExportOptionsVhostUserBlk {
                     addr: SocketAddress::Unix(UnixSocketAddress {
                         path: "/tmp/s".into()
@@ -2246,7 +2259,7 @@ mod tests {
         ))
         .unwrap();
         assert!(options.writable);
-        assert_eq!(options.iothread.as_deref(), Some("io0"));
+        assert_eq!(options.iothread, ["io0"]);
     }
 
     #[test]
