@@ -1089,12 +1089,8 @@ mod tests {
                 "--export",
                 "vhost-user-blk,id=e,node-name=n,iothread=io0,addr.type=unix,addr.path=/s",
             ],
-            vec![
-                "--blockdev",
-                "null-co,node-name=n",
-                "--export",
-                "vhost-user-blk,id=e,node-name=n,iothread.0=io0,addr.type=unix,addr.path=/s",
-            ],
+            // Not `iothread.0=io0`: QSD 10.0 refuses a list of iothreads, ringblk takes one (its
+            // extension for spreading queues), so there the messages differ on purpose.
             vec![
                 "--blockdev",
                 "null-co,node-name=n",

@@ -506,21 +506,14 @@ pub struct UnixSocketAddress {
     pub path: PathBuf,
 }
 
-/// A string or a list of strings (`iothread=a`, or `iothread.0=a,iothread.1=b` / JSON `["a","b"]`).
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct ExportBaseWire {
     id: String,
     #[serde(default)]
     fixed_iothread: bool,
-    iothread: Option<OneOrMany>,
+    /// One id (QSD) or a list of ids (ringblk's extension), checked in `iothreads`.
+    iothread: Option<Value>,
     node_name: String,
     #[serde(default)]
     writable: bool,
@@ -622,13 +615,26 @@ impl ExportOptions {
             id: base.id,
             node_name: base.node_name,
             writable: base.writable,
-            iothread: match base.iothread {
-                None => Vec::new(),
-                Some(OneOrMany::One(id)) => vec![id],
-                Some(OneOrMany::Many(ids)) => ids,
-            },
+            iothread: iothreads(base.iothread)?,
             kind,
         })
+    }
+}
+
+/// `iothread`: absent, one id (as in QSD), or a list of ids (`iothread.0=a,iothread.1=b`).
+fn iothreads(value: Option<Value>) -> Result<Vec<String>, OptionsError> {
+    let bad = || OptionsError::invalid_type("iothread", "string");
+    match value {
+        None => Ok(Vec::new()),
+        Some(Value::String(id)) => Ok(vec![id]),
+        Some(Value::Array(ids)) => ids
+            .into_iter()
+            .map(|id| match id {
+                Value::String(id) => Ok(id),
+                _ => Err(bad()),
+            })
+            .collect(),
+        Some(_) => Err(bad()),
     }
 }
 
@@ -2114,9 +2120,12 @@ mod tests {
             blockdev("null-co,node-name=n,cache.direct.x=on").unwrap_err(),
             "Parameters 'cache.direct.*' are unexpected"
         );
+        // QSD: "Parameters 'iothread.*' are unexpected"; ringblk takes a list of iothreads.
         assert_eq!(
-            export(&format!("{EXPORT},iothread.0=io0")).unwrap_err(),
-            "Parameters 'iothread.*' are unexpected"
+            export(&format!("{EXPORT},iothread.0=io0"))
+                .unwrap()
+                .iothread,
+            ["io0"]
         );
     }
 
@@ -2211,7 +2220,12 @@ mod tests {
             with(json!({"writable": 1})).unwrap_err(),
             "Invalid parameter type for 'writable', expected: boolean"
         );
-        for iothread in [json!({"a": 1}), json!(null), json!(["a"])] {
+        // A list of ids is ringblk's extension (QSD 10.0 refuses it); anything else is refused.
+        assert_eq!(
+            with(json!({"iothread": ["a", "b"]})).unwrap().iothread,
+            ["a", "b"]
+        );
+        for iothread in [json!({"a": 1}), json!(null), json!([1])] {
             assert_eq!(
                 with(json!({"iothread": iothread})).unwrap_err(),
                 "Invalid parameter type for 'iothread', expected: string"
