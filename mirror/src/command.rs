@@ -46,7 +46,7 @@ impl Mirror {
             return invalid("Can't mirror node into itself");
         }
         if target.read_only() {
-            return invalid("Target is read-only");
+            return invalid("Block node is read-only");
         }
         if source.size() != target.size() {
             return invalid("Source and target image have different sizes");
@@ -107,6 +107,7 @@ impl Mirror {
                 cancelled: false,
                 error: None,
                 final_sync_error: None,
+                complete_requested: false,
                 flushed: false,
                 drained: None,
                 actively_synced: false,
@@ -169,6 +170,16 @@ impl Mirror {
         &self.0.filter
     }
 
+    /// The node being copied.
+    pub fn source(&self) -> &Node {
+        &self.0.source
+    }
+
+    /// The node being copied to.
+    pub fn target(&self) -> &Node {
+        &self.0.target
+    }
+
     /// `query-block-jobs` for this job.
     pub fn query(&self) -> JobInfo {
         let job = &self.0;
@@ -195,13 +206,22 @@ impl Mirror {
         }
     }
 
-    /// `job-complete` (READY only): PENDING at once; with auto-finalize the drained final sync
-    /// and the pivot follow, ending in BLOCK_JOB_COMPLETED.
+    /// `job-complete` (READY or STANDBY): PENDING at once; with auto-finalize the drained final
+    /// sync and the pivot follow, ending in BLOCK_JOB_COMPLETED. A paused job (STANDBY, or READY
+    /// with its pause under way) takes the request and carries it out when it resumes, as QEMU
+    /// does.
     pub fn complete(&self) -> Result<(), MirrorError> {
         let job = &self.0;
         job.check_verb(Verb::Complete)?;
-        if job.st.borrow().user_paused {
-            return Err(MirrorError::CannotComplete(job.id.clone()));
+        {
+            let mut st = job.st.borrow_mut();
+            if st.cancelled {
+                return Err(MirrorError::CannotComplete(job.id.clone()));
+            }
+            if st.user_paused {
+                st.complete_requested = true;
+                return Ok(());
+            }
         }
         job.to_pending(Goal::Pivot);
         job.pump();
@@ -302,6 +322,10 @@ impl Mirror {
             JobStatus::Paused => job.set_status(JobStatus::Running),
             JobStatus::Standby => job.set_status(JobStatus::Ready),
             _ => {}
+        }
+        let complete = std::mem::take(&mut job.st.borrow_mut().complete_requested);
+        if complete && job.status() == JobStatus::Ready {
+            job.to_pending(Goal::Pivot);
         }
         job.pump();
         Ok(())

@@ -23,7 +23,7 @@ pub enum MirrorError {
     #[error("The active block job '{0}' cannot be completed")]
     CannotComplete(String),
     /// A copy-mode change that is not background to write-blocking.
-    #[error("Change of copy mode from '{from}' to '{to}' is not supported")]
+    #[error("Change to copy mode '{to}' is not implemented")]
     CopyModeChange {
         from: &'static str,
         to: &'static str,

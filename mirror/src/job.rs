@@ -90,6 +90,8 @@ pub(crate) struct State {
     pub(crate) error: Option<String>,
     /// The worst error action seen during the final sync.
     pub(crate) final_sync_error: Option<(ErrorAction, String)>,
+    /// `complete` arrived while paused: it takes effect at `resume`.
+    pub(crate) complete_requested: bool,
     pub(crate) flushed: bool,
     pub(crate) drained: Option<Drained>,
     pub(crate) actively_synced: bool,
@@ -184,6 +186,11 @@ impl Job {
         }
         self.set_status(JobStatus::Waiting);
         self.set_status(JobStatus::Pending);
+        if !self.cfg.auto_finalize {
+            self.emit(JobEvent::Pending {
+                id: self.id.clone(),
+            });
+        }
     }
 
     /// Does the next step, whatever woke the job.
@@ -316,7 +323,14 @@ impl Job {
             IoOperation::Read => self.cfg.on_source_error,
             IoOperation::Write => self.cfg.on_target_error,
         };
-        let action = policy.action(errno);
+        let mut action = policy.action(errno);
+        // PENDING (and WAITING) cannot pause or resume (QEMU's verb table): a stop there would
+        // leave the job stuck, so it retries like ignore, and says so in the event.
+        if action == ErrorAction::Stop
+            && matches!(self.status(), JobStatus::Pending | JobStatus::Waiting)
+        {
+            action = ErrorAction::Ignore;
+        }
         self.emit(JobEvent::Error {
             device: self.id.clone(),
             operation,
@@ -442,7 +456,9 @@ impl Job {
         if self.cfg.auto_dismiss || !started {
             self.set_status(JobStatus::Null);
         }
-        self.trim_pool(0);
+        // Freeing buffers (munmap) costs tens of µs: not in the turn that reports the end.
+        let pool = std::mem::take(&mut *self.pool.borrow_mut());
+        self.ctx.defer(move || drop(pool));
     }
 
     /// Frees pooled copy buffers beyond `keep_bytes`.

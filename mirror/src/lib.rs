@@ -5,16 +5,16 @@
 //! writes to the target, and no write the guest saw completed is missing from it.
 //!
 //! ## What it owns
-//! - the `mirror_top` filter ([`filter`]) that it puts above the source at creation: every
+//! - the `mirror_top` filter (`filter`) that it puts above the source at creation: every
 //!   backend handle on the source moves to the filter, which marks the chunks that guest writes
 //!   touch in the **dirty bitmap** ([`bitmap`]), or in write-blocking mode writes them to both
 //!   sides before completing them;
-//! - the copy loop ([`copy`]): `MirrorOp`s read dirty chunks from the source and write them (or
-//!   write-zeroes) to the target, bounded by buf-size, rate limited ([`ratelimit`]), never two
-//!   at once on a chunk, never at once with a write-blocking guest write ([`overlap`]);
-//! - the job state machine with QEMU's names, commands and events ([`status`], [`command`],
-//!   [`job`]);
-//! - the completion ([`switch`]): drained final sync, deferred pivot, unmute.
+//! - the copy loop (`copy`): `MirrorOp`s read dirty chunks from the source and write them (or
+//!   write-zeroes) to the target, bounded by buf-size, rate limited (`ratelimit`), never two
+//!   at once on a chunk, never at once with a write-blocking guest write (`overlap`);
+//! - the job state machine with QEMU's names, commands and events ([`status`], `command`,
+//!   `job`);
+//! - the completion (`switch`): drained final sync, deferred pivot, unmute.
 //!
 //! ## Invariants
 //! 1. **A chunk where the target may differ from the source is dirty, or a copy holds it.**
@@ -28,7 +28,11 @@
 //! 3. **The job's own final copies pass the gate** (`submit_drained`), so its drain never waits
 //!    for itself.
 //! 4. **Nothing blocks the main loop** except `drained_begin`'s polling; everything else is
-//!    completions, timers, deferred callbacks and the filter's wake-up eventfd.
+//!    completions, timers, deferred callbacks and the filter's wake-up eventfd. Drained sections
+//!    begin only from deferred callbacks, never inside one of the job's own completions (its
+//!    node counts that request in flight until the callback returns).
+//! 5. **The filter forwards what it admitted past the source's gate**: a drain that reaches the
+//!    source also closes the filter's gate and waits for the filter's requests (blkgraph).
 //!
 //! ## Who calls what
 //! The daemon's QMP layer, on the main context: [`Mirror::create`], [`Mirror::start`],
@@ -43,6 +47,8 @@
 //!   performs the drained final sync and the pivot. QEMU syncs before PENDING and keeps the
 //!   source drained until finalize, which with `auto-finalize=false` stalls the guest.
 //! - An idle READY job sleeps until the filter wakes it (no 100 ms polling).
+//! - An error with the `stop` policy while PENDING retries like `ignore` (PENDING cannot pause).
+//! - `cancel` in PENDING first syncs the target (drained), then reports BLOCK_JOB_CANCELLED.
 //! - Zero chunks are found by reading (no block-status yet): a full copy writes every chunk of
 //!   the target, as data or as write-zeroes, unless `target_is_zero` says it reads as zeroes.
 #![forbid(unsafe_code)]

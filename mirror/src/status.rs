@@ -108,7 +108,8 @@ impl Verb {
             Verb::Pause | Verb::Resume | Verb::SetSpeed | Verb::Change => {
                 matches!(status, Created | Running | Paused | Ready | Standby)
             }
-            Verb::Complete => status == Ready,
+            // QEMU lets a job on standby take `complete`: it happens once the job resumes.
+            Verb::Complete => matches!(status, Ready | Standby),
             Verb::Finalize => status == Pending,
             Verb::Dismiss => status == Concluded,
         }
@@ -204,6 +205,8 @@ pub enum JobEvent {
     },
     /// BLOCK_JOB_CANCELLED.
     Cancelled(JobProgress),
+    /// BLOCK_JOB_PENDING: the job waits for `finalize` (only with auto-finalize off).
+    Pending { id: String },
     /// BLOCK_JOB_ERROR.
     Error {
         device: String,
@@ -220,6 +223,7 @@ impl JobEvent {
             JobEvent::Ready(_) => "BLOCK_JOB_READY",
             JobEvent::Completed { .. } => "BLOCK_JOB_COMPLETED",
             JobEvent::Cancelled(_) => "BLOCK_JOB_CANCELLED",
+            JobEvent::Pending { .. } => "BLOCK_JOB_PENDING",
             JobEvent::Error { .. } => "BLOCK_JOB_ERROR",
         }
     }
@@ -279,7 +283,8 @@ mod tests {
     #[test]
     fn verbs_follow_qemus_table() {
         assert!(Verb::Complete.allowed_in(JobStatus::Ready));
-        assert!(!Verb::Complete.allowed_in(JobStatus::Standby));
+        assert!(Verb::Complete.allowed_in(JobStatus::Standby));
+        assert!(!Verb::Complete.allowed_in(JobStatus::Paused));
         assert!(Verb::Cancel.allowed_in(JobStatus::Pending));
         assert!(!Verb::Cancel.allowed_in(JobStatus::Aborting));
         assert!(Verb::Dismiss.allowed_in(JobStatus::Concluded));

@@ -17,7 +17,8 @@
 //!
 //! An error in step 3 follows the policy: `report` takes the filter out (devices back on the
 //! source) and fails the job; `ignore` and `stop` end the drained section, let the guest run and
-//! retry the final sync after a short delay (a PENDING job cannot pause).
+//! retry the final sync after a short delay (a PENDING job cannot pause, so `stop` acts as
+//! `ignore` there, and the BLOCK_JOB_ERROR event says `ignore`).
 
 use std::rc::Rc;
 use std::time::Instant;

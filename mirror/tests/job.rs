@@ -653,3 +653,34 @@ fn bad_options_are_refused() {
         assert!(Mirror::create(&s.source, &s.source, options("self"), None).is_err());
     });
 }
+
+#[test]
+fn a_stop_error_while_pending_retries_instead_of_pausing() {
+    on_context(|ctx| {
+        let (mut s, faults) = faulty_target(
+            ctx,
+            MirrorOptions {
+                on_target_error: OnError::Stop,
+                auto_finalize: false,
+                ..options("j")
+            },
+        );
+        s.mirror.start().unwrap();
+        s.events.wait_ready(ctx);
+        s.mirror.complete().unwrap();
+        Faults::set(&faults.fail_writes, true);
+        s.device.write(Some(4));
+        s.device.settle(ctx);
+        s.events.run_for(ctx, Duration::from_millis(30));
+        assert_eq!(s.mirror.status(), Pending, "not stuck paused");
+        assert!(
+            error_events(&s.events).contains(&(IoOperation::Write, ErrorAction::Ignore)),
+            "{:?}",
+            s.events.seen
+        );
+        Faults::set(&faults.fail_writes, false);
+        s.mirror.finalize().unwrap();
+        assert_eq!(s.events.wait_completed(ctx), None);
+        assert!(s.device.lost_writes(ctx).is_empty());
+    });
+}
