@@ -12,7 +12,7 @@ use std::time::Duration;
 pub const KEYS: &[(&str, &str)] = &[
     (
         "bs",
-        "block size, with k/m/g suffixes (binary: 4k = 4096); a multiple of 512",
+        "block size, k/m/g suffixes (4k = 4096), a multiple of 512; alias blocksize",
     ),
     ("description", "free text, ignored"),
     ("direct", "ignored (the target is a vhost-user socket)"),
@@ -36,9 +36,12 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     (
         "runtime",
-        "run time limit: plain seconds or with us/ms/s/m/h suffix",
+        "run time limit: seconds or with us/ms/s/m/h suffix; alias timeout",
     ),
-    ("rw", "read, write, randread, randwrite or randrw"),
+    (
+        "rw",
+        "read, write, randread, randwrite or randrw; alias readwrite",
+    ),
     ("rwmixread", "percentage of reads in randrw (default 50)"),
     (
         "rwmixwrite",
@@ -570,6 +573,22 @@ mod tests {
              group_reporting\n[j]\nname=renamed\n",
         );
         assert_eq!(j.name, "renamed");
+    }
+
+    #[test]
+    fn every_documented_key_is_accepted() {
+        for (key, _) in KEYS {
+            let value = match *key {
+                "rw" => "randrw",
+                "bs" => "4k",
+                "size" | "offset" => "1m",
+                "runtime" => "1s",
+                "name" | "description" | "filename" | "ioengine" => "x",
+                _ => "1",
+            };
+            let line = format!("[j]\n{key}={value}\n");
+            assert!(Job::parse(&line).is_ok(), "{key}={value}");
+        }
     }
 
     #[test]

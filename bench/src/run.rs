@@ -468,12 +468,24 @@ fn execute(
     let ios: u64 = outcomes.iter().map(|o| o.ios[0] + o.ios[1]).sum();
     let per_io = |s: f64| if ios > 0 { s * 1e6 / ios as f64 } else { 0.0 };
     let generator_s = after.own_s - before.own_s;
+    // Share of the threads' wall time not spent spinning, applied to their CPU time: unlike
+    // `cpu - spin`, this stays right when other processes preempt the threads (preemption then
+    // falls on both parts in proportion).
     let idle_s: f64 = outcomes.iter().map(|o| o.idle.as_secs_f64()).sum();
+    let thread_s: f64 = outcomes
+        .iter()
+        .map(|o| o.finished.duration_since(o.started).as_secs_f64())
+        .sum();
+    let busy_share = if thread_s > 0.0 {
+        (1.0 - idle_s / thread_s).clamp(0.0, 1.0)
+    } else {
+        1.0
+    };
     let backend_s = before.backend_s.zip(after.backend_s).map(|(b, a)| a - b);
     let cpu = CpuReport {
         generator_s,
         generator_us_per_io: per_io(generator_s),
-        generator_busy_us_per_io: per_io((generator_s - idle_s).max(0.0)),
+        generator_busy_us_per_io: per_io(generator_s * busy_share),
         backend_s,
         backend_us_per_io: backend_s.map(per_io),
         others_s: before
