@@ -296,14 +296,21 @@ impl Daemon {
         Value::Array(exports)
     }
 
-    /// Clean shutdown: every export stops (its queues after their in-flight requests), every
-    /// node is flushed, then the iothreads stop.
+    /// Clean shutdown: running jobs are cancelled (force: the devices stay on their source) and
+    /// waited for, every export stops (its queues after their in-flight requests), every node is
+    /// flushed, then the iothreads stop.
     pub fn shutdown(mut self) {
+        let ctx = Context::current();
+        let ended = |job: &Mirror| matches!(job.status(), JobStatus::Concluded | JobStatus::Null);
+        for job in self.jobs.values().filter(|job| !ended(job)) {
+            let _ = job.cancel(true);
+        }
+        ctx.run_until(|| self.jobs.values().all(ended));
+        self.jobs.clear();
         let ids: Vec<String> = self.exports.keys().cloned().collect();
         for id in ids {
             let _ = self.del_export(&id);
         }
-        let ctx = Context::current();
         for node in self.nodes.values() {
             let done = std::rc::Rc::new(std::cell::Cell::new(false));
             let d = done.clone();
