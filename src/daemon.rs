@@ -44,6 +44,13 @@ fn generic(message: impl Into<String>) -> DaemonError {
     DaemonError::Generic(message.into())
 }
 
+/// The side of a mirror job a node is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobRole {
+    Source,
+    Target,
+}
+
 struct ExportEntry {
     export: Export,
     path: PathBuf,
@@ -95,6 +102,21 @@ impl Daemon {
         self.jobs.values()
     }
 
+    /// Which side of a job that has not concluded `node` is, if any: such a job reads or
+    /// writes it, so it is neither deleted nor given to another job.
+    pub fn job_role(&self, node: &Node) -> Option<JobRole> {
+        let live = |job: &&Mirror| !matches!(job.status(), JobStatus::Concluded | JobStatus::Null);
+        self.jobs.values().filter(live).find_map(|job| {
+            if job.source().same(node) {
+                Some(JobRole::Source)
+            } else if job.target().same(node) {
+                Some(JobRole::Target)
+            } else {
+                None
+            }
+        })
+    }
+
     /// Forgets the jobs that reached NULL (dismissed).
     pub fn forget_finished_jobs(&mut self) {
         self.jobs.retain(|_, job| job.status() != JobStatus::Null);
@@ -137,6 +159,15 @@ impl Daemon {
             .nodes
             .get(name)
             .ok_or_else(|| generic(format!("Failed to find node with node-name='{name}'")))?;
+        match self.job_role(node) {
+            Some(JobRole::Source) => {
+                return Err(generic(format!(
+                    "Node '{name}' is busy: block device is in use by block job: mirror"
+                )));
+            }
+            Some(JobRole::Target) => return Err(generic(format!("Node {name} is in use"))),
+            None => {}
+        }
         if let Some(e) = self
             .exports
             .iter()

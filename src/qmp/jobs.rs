@@ -80,14 +80,31 @@ pub fn blockdev_mirror(
     }
     let mut daemon = state.daemon.borrow_mut();
     daemon.forget_finished_jobs();
+    // QSD's checks, in its order and words: both nodes exist, neither is held by a running job
+    // (a source or target of one is not a root node; a node in use is busy), the id is free.
+    let lookup = |name: &str| {
+        daemon
+            .node(name)
+            .cloned()
+            .map_err(|e| QmpError::generic(e.to_string()))
+    };
+    let source = lookup(&device)?;
+    let target_name = target;
+    let target = lookup(&target_name)?;
+    if daemon.job_role(&source).is_some() {
+        return Err(QmpError::generic("Need a root block node"));
+    }
+    if daemon.job_role(&target).is_some() {
+        return Err(QmpError::generic(format!(
+            "Node '{target_name}' is busy: block device is in use by block job: mirror"
+        )));
+    }
     let job_id = job_id.unwrap_or_else(|| device.clone());
     if daemon.job(&job_id).is_ok() {
         return Err(QmpError::generic(format!(
             "Job ID '{job_id}' already in use"
         )));
     }
-    let source = daemon.node(&device)?.clone();
-    let target = daemon.node(&target)?.clone();
     let defaults = MirrorOptions::new(job_id.clone());
     let options = MirrorOptions {
         granularity: granularity.unwrap_or(defaults.granularity),
@@ -113,18 +130,18 @@ pub fn blockdev_mirror(
     Ok(json!({}))
 }
 
-/// The job a `block-job-*` command names (QEMU: DeviceNotFound).
+/// The job a `block-job-*` command names in `member` (QSD: DeviceNotActive).
 fn block_job(state: &State, args: &mut Arguments, member: &str) -> Result<Mirror, QmpError> {
     let id = args.string(member)?;
     let mut daemon = state.daemon.borrow_mut();
     daemon.forget_finished_jobs();
     daemon.job(&id).cloned().map_err(|_| QmpError {
-        class: "DeviceNotFound",
+        class: "DeviceNotActive",
         desc: format!("Block job '{id}' not found"),
     })
 }
 
-/// The job a `job-*` command names (QEMU: GenericError).
+/// The job a `job-*` command names (QSD: GenericError without the id).
 fn job(state: &State, args: &mut Arguments) -> Result<Mirror, QmpError> {
     let id = args.string("id")?;
     let mut daemon = state.daemon.borrow_mut();
@@ -132,21 +149,28 @@ fn job(state: &State, args: &mut Arguments) -> Result<Mirror, QmpError> {
     daemon
         .job(&id)
         .cloned()
-        .map_err(|_| QmpError::generic(format!("Job '{id}' not found")))
+        .map_err(|_| QmpError::generic("Job not found"))
+}
+
+/// How a verb names its job: `job-*` by `id`, `block-job-*` by `device` (or `id` for
+/// finalize, dismiss and change), with their different not-found errors.
+#[derive(Clone, Copy)]
+enum Lookup {
+    Job,
+    BlockJob(&'static str),
 }
 
 /// A verb taking only the job's name.
 fn verb(
     state: &mut State,
     arguments: Map<String, Value>,
-    block: bool,
+    lookup: Lookup,
     act: impl FnOnce(&Mirror) -> Result<(), MirrorError>,
 ) -> Result<Value, QmpError> {
     let mut args = Arguments::new(arguments);
-    let mirror = if block {
-        block_job(state, &mut args, "device")?
-    } else {
-        job(state, &mut args)?
+    let mirror = match lookup {
+        Lookup::Job => job(state, &mut args)?,
+        Lookup::BlockJob(member) => block_job(state, &mut args, member)?,
     };
     args.finish()?;
     act(&mirror)?;
@@ -154,65 +178,72 @@ fn verb(
 }
 
 pub fn job_complete(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {
-    verb(state, arguments, false, Mirror::complete)
+    verb(state, arguments, Lookup::Job, Mirror::complete)
 }
 
 pub fn block_job_complete(
     state: &mut State,
     arguments: Map<String, Value>,
 ) -> Result<Value, QmpError> {
-    verb(state, arguments, true, Mirror::complete)
+    verb(
+        state,
+        arguments,
+        Lookup::BlockJob("device"),
+        Mirror::complete,
+    )
 }
 
 pub fn job_pause(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {
-    verb(state, arguments, false, Mirror::pause)
+    verb(state, arguments, Lookup::Job, Mirror::pause)
 }
 
 pub fn block_job_pause(
     state: &mut State,
     arguments: Map<String, Value>,
 ) -> Result<Value, QmpError> {
-    verb(state, arguments, true, Mirror::pause)
+    verb(state, arguments, Lookup::BlockJob("device"), Mirror::pause)
 }
 
 pub fn job_resume(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {
-    verb(state, arguments, false, Mirror::resume)
+    verb(state, arguments, Lookup::Job, Mirror::resume)
 }
 
 pub fn block_job_resume(
     state: &mut State,
     arguments: Map<String, Value>,
 ) -> Result<Value, QmpError> {
-    verb(state, arguments, true, Mirror::resume)
+    verb(state, arguments, Lookup::BlockJob("device"), Mirror::resume)
 }
 
 pub fn job_finalize(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {
-    verb(state, arguments, false, Mirror::finalize)
+    verb(state, arguments, Lookup::Job, Mirror::finalize)
 }
 
 pub fn block_job_finalize(
     state: &mut State,
     arguments: Map<String, Value>,
 ) -> Result<Value, QmpError> {
-    verb(state, arguments, false, Mirror::finalize)
+    verb(state, arguments, Lookup::BlockJob("id"), Mirror::finalize)
 }
 
 pub fn job_dismiss(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {
-    verb(state, arguments, false, Mirror::dismiss)
+    verb(state, arguments, Lookup::Job, Mirror::dismiss)
 }
 
 pub fn block_job_dismiss(
     state: &mut State,
     arguments: Map<String, Value>,
 ) -> Result<Value, QmpError> {
-    verb(state, arguments, false, Mirror::dismiss)
+    verb(state, arguments, Lookup::BlockJob("id"), Mirror::dismiss)
 }
 
+/// `job-cancel`: always a forced cancel (after READY too: BLOCK_JOB_CANCELLED, no final sync).
 pub fn job_cancel(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {
-    verb(state, arguments, false, |m| m.cancel(false))
+    verb(state, arguments, Lookup::Job, |m| m.cancel(true))
 }
 
-/// `block-job-cancel device [force]`.
+/// `block-job-cancel device [force]`: without `force`, refused while the job is paused (by
+/// the user or by an error with the `stop` policy), as in QSD.
 pub fn block_job_cancel(
     state: &mut State,
     arguments: Map<String, Value>,
@@ -221,6 +252,12 @@ pub fn block_job_cancel(
     let mirror = block_job(state, &mut args, "device")?;
     let force = args.optional_bool("force")?.unwrap_or(false);
     args.finish()?;
+    if !force && mirror.query().paused {
+        return Err(QmpError::generic(format!(
+            "The block job for device '{}' is currently paused",
+            mirror.id()
+        )));
+    }
     mirror.cancel(force)?;
     Ok(json!({}))
 }
@@ -328,6 +365,7 @@ fn emit(events: &Events, event: &JobEvent) {
             }
             v
         }
+        JobEvent::Pending { id } => json!({"type": "mirror", "id": id}),
         JobEvent::Error {
             device,
             operation,
