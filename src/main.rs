@@ -26,9 +26,6 @@ use crate::cli::{CliItem, Config, Invocation};
 use crate::daemon::Daemon;
 use crate::qmp::{Events, QmpServer};
 
-/// How long the main context busy-polls before sleeping: QSD's default `poll-max-ns`.
-const MAIN_POLL_MAX: std::time::Duration = std::time::Duration::from_nanos(32768);
-
 fn main() -> ExitCode {
     match cli::parse(std::env::args_os()) {
         Ok(Invocation::Print(text)) => {
@@ -62,9 +59,6 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // The main context serves the exports that name no iothread: it polls like an iothread
-    // with QSD's default poll-max-ns before it sleeps.
-    ctx.set_poll_max(MAIN_POLL_MAX);
     let daemon = Rc::new(RefCell::new(Daemon::new()));
     let qmp = QmpServer::new(daemon.clone(), Rc::new(Events::default()));
     let started = start(&daemon, &qmp, &config);

@@ -18,7 +18,7 @@ use ringblk_bench::{NOISE_CORES, Report, RunOptions, human, machine_busy_cores, 
 use crate::{Common, load_jobs, write_json};
 
 const QSD: &str = "qemu-storage-daemon";
-const SOCKET_WAIT: Duration = Duration::from_secs(10);
+const SOCKET_WAIT: Duration = Duration::from_secs(30);
 const STOP_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Args)]
@@ -37,6 +37,11 @@ pub(crate) struct CompareArgs {
     /// The --blockdev both daemons get; its node-name is exported.
     #[arg(long, default_value = "driver=null-co,node-name=disk0,size=1073741824")]
     blockdev: String,
+    /// Serve the export from each daemon's main loop instead of an iothread. By default both
+    /// get `--object iothread,id=iot0` and export with `iothread=iot0`, the setup QSD is run
+    /// with for performance (QSD polls only in iothreads, and so does ringblk).
+    #[arg(long)]
+    main_loop: bool,
     /// Side A's command (program and leading arguments, split on spaces).
     #[arg(long, value_name = "CMD")]
     a_cmd: Option<String>,
@@ -181,7 +186,8 @@ pub(crate) fn main(args: &CompareArgs) -> Result<bool, String> {
             let mut attempt = 0;
             let report = loop {
                 settle(Duration::from_secs(args.settle));
-                let daemon = Daemon::start(s, &args.blockdev, &node, args.daemon_cpu)?;
+                let daemon =
+                    Daemon::start(s, &args.blockdev, &node, args.daemon_cpu, !args.main_loop)?;
                 let opts = RunOptions {
                     wait_mode: args.common.wait_mode,
                     cpus: vec![args.generator_cpu],
@@ -380,16 +386,28 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(side: &Side, blockdev: &str, node: &str, cpu: usize) -> Result<Daemon, String> {
+    fn start(
+        side: &Side,
+        blockdev: &str,
+        node: &str,
+        cpu: usize,
+        iothread: bool,
+    ) -> Result<Daemon, String> {
         let dir = unique_dir()?;
         let socket = dir.join("vhost.sock");
         let log = dir.join("daemon.log");
         let log_file = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let log_err = log_file.try_clone().map_err(|e| e.to_string())?;
-        let export = format!(
+        let mut export = format!(
             "type=vhost-user-blk,id=e,node-name={node},addr.type=unix,addr.path={},writable=on",
             socket.display()
         );
+        let mut daemon_args = vec!["--blockdev".to_owned(), blockdev.to_owned()];
+        if iothread {
+            daemon_args.extend(["--object".to_owned(), "iothread,id=iot0".to_owned()]);
+            export.push_str(",iothread=iot0");
+        }
+        daemon_args.extend(["--export".to_owned(), export]);
         let mut command = Command::new("taskset");
         // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
         // which is async-signal-safe; it touches no memory shared with the parent.
@@ -404,7 +422,7 @@ impl Daemon {
             .arg("-c")
             .arg(cpu.to_string())
             .args(&side.cmd)
-            .args(["--blockdev", blockdev, "--export", &export])
+            .args(&daemon_args)
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(log_err)

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Real fio in a guest against ringblk and qemu-storage-daemon, side by side, alternating A B A B.
+
+    python3 tests/guest/guest_compare.py [--ringblk target/release/ringblk] [--runs 3]
+                                         [--job fio-profiles/randread-4k-qd32.fio]
+
+Each daemon exports the same raw image on /dev/shm from an iothread and is pinned to CPU 1,
+QEMU (TCG here) to CPU 0. Reports the guest's IOPS and the daemon's CPU time per I/O (utime + stime of all its
+threads over the guest's whole run, divided by the I/Os fio completed), medians and ratios.
+Under TCG the emulated vCPU bounds the IOPS: what compares the backends is the CPU per I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import guest  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14, 15)
+
+
+def one(name: str, argv: list[str], sock: Path, job: str) -> dict:
+    sock.unlink(missing_ok=True)
+    proc = subprocess.Popen(["taskset", "-c", "1", *argv])
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start")
+            time.sleep(0.02)
+        before = cpu_s(proc.pid)
+        result = guest.boot(str(sock), job, timeout=300, taskset="0")
+        used = cpu_s(proc.pid) - before
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    problem = result.problem()
+    if problem:
+        raise RuntimeError(f"{name}: {problem}")
+    jobs = result.fio_json["jobs"]
+    ios = sum(j[d]["total_ios"] for j in jobs for d in ("read", "write"))
+    iops = sum(j[d]["iops"] for j in jobs for d in ("read", "write"))
+    return {"iops": iops, "cpu_us_per_io": used / ios * 1e6}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ringblk", default="target/release/ringblk")
+    ap.add_argument("--qsd", default="qemu-storage-daemon")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--job", default="fio-profiles/randread-4k-qd32.fio")
+    args = ap.parse_args()
+    gone = guest.missing()
+    if gone:
+        print("SKIP: guest comparison: missing " + "; ".join(gone))
+        return 77
+    with tempfile.TemporaryDirectory(prefix="guest-compare-") as tmp, tempfile.NamedTemporaryFile(dir="/dev/shm") as image:
+        image.truncate(1 << 30)
+        sock = Path(tmp) / "vblk.sock"
+        # Both serve the export from an iothread (both poll only there, with poll-max-ns 32768).
+        export = f"type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={sock},writable=on,iothread=io0"
+        common = ["--object", "iothread,id=io0", "--export", export]
+        daemons = {
+            "ringblk": [args.ringblk, "--blockdev", f"driver=file,node-name=d,filename={image.name}", *common],
+            "qsd": [args.qsd, "--blockdev", f"driver=file,node-name=d,filename={image.name},aio=io_uring", *common],
+        }
+        runs: dict[str, list[dict]] = {name: [] for name in daemons}
+        for i in range(args.runs):
+            for name, argv in daemons.items():
+                r = one(name, argv, sock, str(Path(args.job).resolve()))
+                runs[name].append(r)
+                print(f"run {i + 1} {name:8} {r['iops']:8.0f} IOPS in the guest  daemon {r['cpu_us_per_io']:6.2f} us CPU/IO", flush=True)
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("iops", "cpu_us_per_io")} for n, rs in runs.items()}
+    print(f"\n{args.job}: medians of {args.runs} runs each, QEMU (TCG) on CPU 0, daemon on CPU 1")
+    print(f"{'':24}{'ringblk':>10}{'qsd':>10}{'ratio':>8}")
+    for key, label in (("iops", "guest IOPS"), ("cpu_us_per_io", "daemon CPU (us/IO)")):
+        a, b = med["ringblk"][key], med["qsd"][key]
+        print(f"{label:24}{a:10.2f}{b:10.2f}{a / b:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
