@@ -496,6 +496,56 @@ class JobBehaviour(JobTest):
                         "target")
 
 
+    async def run_bench(self, text, timeout=WAIT_S):
+        """Runs ringblk-bench with the job `text` on the export; returns (exit code, output)."""
+        job_file = self.daemon.path("job.fio")
+        with open(job_file, "w") as f:
+            f.write(text)
+        proc = await asyncio.create_subprocess_exec(
+            BENCH, "run", "--no-progress", "--socket", self.daemon.path("vhost.sock"), job_file,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        output, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        return proc.returncode, output.decode(errors="replace")
+
+    async def test_frontend_killed_mid_mirror_leaves_job_and_export_working(self):
+        if not os.path.exists(BENCH):
+            self.skipTest(f"ringblk-bench not found at {BENCH} (cargo build -p ringblk-bench)")
+        source_path, target_path = await self.setup_pair()
+        job_file = self.daemon.path("writer.fio")
+        with open(job_file, "w") as f:
+            f.write("[w]\nrw=randwrite\nbs=4k\niodepth=16\nsize=64M\nruntime=30\ntime_based=1\n")
+        writer = await asyncio.create_subprocess_exec(
+            BENCH, "run", "--no-progress", "--socket", self.daemon.path("vhost.sock"), job_file,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await self.mirror(speed=16 << 20)  # a few seconds of copying: the kill lands mid-copy
+        await asyncio.sleep(0.5)
+        writer.kill()  # SIGKILL, requests in flight
+        await writer.wait()
+        self.assertEqual(await self.execute("block-job-set-speed", {"device": "j", "speed": 0}), {})
+        await self.next_event("BLOCK_JOB_READY")
+        self.assertEqual(await self.execute("job-complete", {"id": "j"}), {})
+        self.assertEqual((await self.next_event("BLOCK_JOB_COMPLETED")).pop("error", None), None)
+        self.assertEqual(await self.export_node(), "tgt")
+        self.assertTrue(read(target_path) == read(source_path), "the target is the source's copy")
+        code, output = await self.run_bench("[r]\nrw=randread\nbs=4k\niodepth=8\nsize=8m\n")
+        self.assertEqual(code, 0, "a new frontend is served after the kill and the pivot:\n" + output)
+
+    async def test_target_file_unlinked_mid_mirror_still_completes(self):
+        if not os.path.exists(BENCH):
+            self.skipTest(f"ringblk-bench not found at {BENCH} (cargo build -p ringblk-bench)")
+        _, target_path = await self.setup_pair()
+        await self.mirror(speed=16 << 20)
+        await asyncio.sleep(0.3)
+        os.unlink(target_path)  # the open file lives on, as an unnamed inode
+        self.assertEqual(await self.execute("block-job-set-speed", {"device": "j", "speed": 0}), {})
+        await self.next_event("BLOCK_JOB_READY")
+        self.assertEqual(await self.execute("job-complete", {"id": "j"}), {})
+        self.assertEqual((await self.next_event("BLOCK_JOB_COMPLETED")).pop("error", None), None)
+        self.assertEqual(await self.export_node(), "tgt")
+        code, output = await self.run_bench("[v]\nrw=randwrite\nbs=4k\niodepth=8\nsize=8m\nverify=crc32c\n")
+        self.assertEqual(code, 0, "the export keeps serving from the unlinked target:\n" + output)
+
+
 class OutOfSpace(JobTest):
     """on-target-error policies, with a target on a tmpfs of 8 MiB: the copy of the 64 MiB
     source (random data) fails with ENOSPC after about 8 MiB."""
