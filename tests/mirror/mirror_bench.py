@@ -198,11 +198,16 @@ def differs_from(path: Path, master: Path, start: int) -> int | None:
             pos += len(x)
 
 
-def start_daemon(argv0: list[str], image: Path, sock: Path, qmp_sock: Path, aio: str, log: Path) -> subprocess.Popen:
+def start_daemon(
+    argv0: list[str], image: Path, sock: Path, qmp_sock: Path, aio: str, iothread: bool, log: Path
+) -> subprocess.Popen:
     argv = [
         "taskset", "-c", "1", *argv0,
+        *(["--object", "iothread,id=io0"] if iothread else []),
         "--blockdev", f"driver=file,node-name=src,filename={image},aio={aio}",
-        "--export", f"type=vhost-user-blk,id=e0,node-name=src,addr.type=unix,addr.path={sock},writable=on",
+        "--export",
+        f"type=vhost-user-blk,id=e0,node-name=src,addr.type=unix,addr.path={sock},writable=on"
+        + (",iothread=io0" if iothread else ""),
         "--chardev", f"socket,id=m,path={qmp_sock},server=on,wait=off",
         "--monitor", "chardev=m",
     ]
@@ -399,7 +404,7 @@ async def one_run(daemon_name: str, argv0: list[str], variant: Variant, args, ma
     run: dict = {"daemon": daemon_name, "variant": variant.name, "copy_mode": variant.copy_mode}
     busy0, self0, child0 = machine_busy_s(), self_cpu_s(), children_cpu_s()
     t_run0 = time.monotonic()
-    proc = start_daemon(argv0, src, sock, qmp_sock, args.aio, tmp / "daemon.log")
+    proc = start_daemon(argv0, src, sock, qmp_sock, args.aio, args.iothread, tmp / "daemon.log")
     daemon_cpu0 = proc_cpu_s(proc.pid) or 0.0
     load: Load | None = None
     qmp = QMPClient("mirror-bench")
@@ -658,6 +663,8 @@ def main() -> int:
     ap.add_argument("--qsd", default="qemu-storage-daemon")
     ap.add_argument("--bench", default=None, help="ringblk-bench binary (default beside ringblk)")
     ap.add_argument("--aio", default="io_uring", help="aio= of both file nodes (default io_uring)")
+    ap.add_argument("--iothread", action="store_true",
+                    help="serve the export from an iothread (--object iothread,id=io0, iothread=io0); default: main loop")
     ap.add_argument("--iodepth", type=int, default=16, help="QD of the *-load variants (default 16)")
     ap.add_argument("--load-size", default="256M", help="region the load writes (default 256M, from offset 0)")
     ap.add_argument("--load-seconds", type=float, default=None, help="load runtime (default 1 + ready-cap + 3)")
@@ -725,7 +732,8 @@ def main() -> int:
     table, summary = summarize(all_runs, daemons, variants)
     print()
     print(f"medians of {args.runs} run(s); load: 4k randwrite over {args.load_size}, QD {args.iodepth} "
-          f"(*-qd1: QD1), no flushes, verify {'on' if args.verify else 'off'}; aio={args.aio}; image 1 GiB on /dev/shm")
+          f"(*-qd1: QD1), no flushes, verify {'on' if args.verify else 'off'}; aio={args.aio}; "
+          f"export on {'an iothread' if args.iothread else 'the main loop'}; image 1 GiB on /dev/shm")
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": all_runs, "attempts": all_attempts, "summary": summary}, indent=2, default=str))
