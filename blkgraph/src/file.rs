@@ -3,6 +3,9 @@
 //! Short reads and writes are resubmitted for the rest, at the offset advanced by what was
 //! done, until the request is complete; a read that hits end-of-file fills the rest with zeroes
 //! (as QEMU does), a write that makes no progress fails with EIO.
+//!
+//! Block status comes from `lseek(SEEK_DATA/SEEK_HOLE)`: holes read as zeroes. Where the file
+//! system cannot tell (or for a block device, which has no holes), everything is data.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -10,11 +13,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 
+use nix::errno::Errno;
+use nix::unistd::{Whence, lseek};
 use ringblk_ring::buf::{self, IoBuffers, Window};
 use ringblk_ring::{Context, Fallocate, Op};
 
 use crate::error::{BlockError, BlockResult};
-use crate::node::{Driver, Limits};
+use crate::node::{Contents, Driver, Extent, Limits};
 use crate::request::{Done, Request};
 
 /// Options of a file node, as QSD names them.
@@ -105,6 +110,14 @@ fn probe_direct_alignment(file: &File) -> u32 {
     4096
 }
 
+/// `lseek(2)` with a u64 offset; the file position it moves is used by nothing else (all I/O
+/// is positional).
+fn seek(file: &File, offset: u64, whence: Whence) -> Result<u64, Errno> {
+    let offset = i64::try_from(offset).map_err(|_| Errno::EOVERFLOW)?;
+    let at = lseek(file, offset, whence)?;
+    u64::try_from(at).map_err(|_| Errno::EOVERFLOW)
+}
+
 #[repr(align(4096))]
 struct AlignedBlock([u8; 4096]);
 
@@ -125,6 +138,23 @@ impl Driver for FileNode {
 
     fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent, BlockError> {
+        let (contents, end) = match seek(&self.file, offset, Whence::SeekData) {
+            // A hole up to the end of the file (or the file shrank under us).
+            Err(Errno::ENXIO) => (Contents::Zero, u64::MAX),
+            Err(_) => (Contents::Data, u64::MAX),
+            Ok(data) if data > offset => (Contents::Zero, data),
+            Ok(_) => match seek(&self.file, offset, Whence::SeekHole) {
+                Ok(hole) if hole > offset => (Contents::Data, hole),
+                _ => (Contents::Data, u64::MAX),
+            },
+        };
+        Ok(Extent {
+            contents,
+            len: (end - offset).min(len),
+        })
     }
 
     fn submit(&self, req: Request, done: Done) {

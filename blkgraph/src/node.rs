@@ -55,6 +55,33 @@ pub trait Driver: Send + Sync + 'static {
     }
     /// Performs `req` and calls `done` on this context when it completes.
     fn submit(&self, req: Request, done: Done);
+    /// What `[offset, offset + len)` (inside the node, `len > 0`) starts with: data, or a run
+    /// known to read as zeroes, and how long that run is. A metadata lookup that returns at
+    /// once (QEMU's block-status); the default knows nothing, so everything is data.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent, BlockError> {
+        let _ = offset;
+        Ok(Extent {
+            contents: Contents::Data,
+            len,
+        })
+    }
+}
+
+/// What a run of a node holds, as far as its driver can tell without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Contents {
+    /// Possibly anything: read it to know.
+    Data,
+    /// Reads as zeroes (a hole, or beyond the end of the file).
+    Zero,
+}
+
+/// A run of bytes with the same [`Contents`], starting where it was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub contents: Contents,
+    /// Bytes in the run: at least 1, at most what was asked for.
+    pub len: u64,
 }
 
 pub(crate) struct NodeInner {
@@ -125,6 +152,23 @@ impl Node {
     /// Whether write-type requests are refused.
     pub fn read_only(&self) -> bool {
         self.0.driver.read_only()
+    }
+
+    /// What `[offset, offset + len)` starts with, and for how long ([`Driver::block_status`]).
+    /// Synchronous and cheap; the range must be inside the node and not empty.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Extent, BlockError> {
+        let size = self.size();
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(BlockError::OutOfRange { offset, len, size });
+        }
+        let extent = self.0.driver.block_status(offset, len)?;
+        assert!(
+            (1..=len).contains(&extent.len),
+            "{}: block status of [{offset}, +{len}) returned a run of {}",
+            self.name(),
+            extent.len
+        );
+        Ok(extent)
     }
 
     /// Child edges.

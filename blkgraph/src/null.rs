@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use ringblk_ring::{Context, Op, buf};
 
-use crate::node::Driver;
+use crate::error::BlockError;
+use crate::node::{Contents, Driver, Extent};
 use crate::request::{Done, Request};
 
 /// QEMU's default null-co size: 1 GiB.
@@ -49,6 +50,15 @@ impl Driver for NullCo {
 
     fn size(&self) -> u64 {
         self.0.size
+    }
+
+    fn block_status(&self, _offset: u64, len: u64) -> Result<Extent, BlockError> {
+        let contents = if self.0.read_zeroes {
+            Contents::Zero
+        } else {
+            Contents::Data
+        };
+        Ok(Extent { contents, len })
     }
 
     fn submit(&self, req: Request, done: Done) {

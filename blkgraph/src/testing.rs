@@ -5,7 +5,8 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::node::{Driver, Node};
+use crate::error::BlockError;
+use crate::node::{Driver, Extent, Node};
 use crate::request::{Done, Request};
 
 /// Switches of a [`FaultNode`], shared with the test.
@@ -76,6 +77,10 @@ impl Driver for FaultNode {
 
     fn children(&self) -> Vec<Node> {
         vec![self.child.clone()]
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent, BlockError> {
+        self.child.block_status(offset, len)
     }
 
     fn submit(&self, req: Request, done: Done) {

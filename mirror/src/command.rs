@@ -9,7 +9,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use ringblk_blkgraph::{Node, drained_begin};
+use ringblk_blkgraph::{Contents, Node, drained_begin};
 use ringblk_ring::{Context, Group};
 
 use crate::bitmap::DirtyBitmap;
@@ -61,6 +61,8 @@ impl Mirror {
         let target_zero = DirtyBitmap::new(size, g);
         if options.target_is_zero {
             target_zero.set(0..target_zero.chunks());
+        } else {
+            mark_known_zero(target, &target_zero);
         }
         let write_blocking = options.copy_mode == CopyMode::WriteBlocking;
         let shared = Shared::new(dirty, target_zero, write_blocking)
@@ -385,4 +387,20 @@ fn insert_above(source: &Node, filter: &Node) {
         handle.replace(filter);
     }
     drop(drained);
+}
+
+/// Sets the chunks of `bitmap` that `node`'s block status says read as zeroes (holes of a
+/// sparse target need no write-zeroes). A status error leaves the rest unmarked: copied in full.
+fn mark_known_zero(node: &Node, bitmap: &DirtyBitmap) {
+    let size = node.size();
+    let mut offset = 0;
+    while offset < size {
+        let Ok(extent) = node.block_status(offset, size - offset) else {
+            return;
+        };
+        if extent.contents == Contents::Zero {
+            bitmap.set(bitmap.covered(offset, extent.len));
+        }
+        offset += extent.len;
+    }
 }

@@ -3,16 +3,18 @@
 //!
 //! A run is claimed in the chunk locks before its dirty bits are cleared and the source is read,
 //! so a guest write that lands after the read re-dirties it (see [`crate::filter`]), and no other
-//! copy or write-blocking write overlaps it. A run read as all zeroes becomes a write-zeroes, or
-//! nothing at all where the target is known to read as zeroes already. Bytes in flight stay
+//! copy or write-blocking write overlaps it. The source's block status trims a run to one
+//! extent: a run the source knows to be zeroes is not read, and neither is one read as all
+//! zeroes written as data; both become a write-zeroes, or nothing at all where the target is
+//! known to read as zeroes already. Bytes in flight stay
 //! below buf-size; the speed limit is charged when a run is issued. Buffers are pooled.
 
 use std::ops::Range;
 use std::rc::Rc;
 use std::time::Instant;
 
-use ringblk_blkgraph::{BlockError, BlockResult, Done, Request};
-use ringblk_ring::buf::{IoBuffers, OwnedBuf};
+use ringblk_blkgraph::{BlockError, BlockResult, Contents, Done, Request};
+use ringblk_ring::buf::OwnedBuf;
 
 use crate::job::Job;
 use crate::status::IoOperation;
@@ -108,13 +110,15 @@ impl Job {
     }
 
     fn issue(self: &Rc<Self>, chunks: Range<u64>, gate: Gate, now: Instant) {
+        let (chunks, contents) = self.trim_to_source_extent(chunks);
         let bytes = self.shared.dirty.byte_range(chunks.clone());
         let len = bytes.end - bytes.start;
         {
             let mut st = self.st.borrow_mut();
             st.ops += 1;
             st.bytes_in_flight += len;
-            if gate == Gate::Open {
+            // Like QEMU, only copied data counts against the speed limit.
+            if gate == Gate::Open && contents == Contents::Data {
                 st.limit.charge(now, len);
             }
         }
@@ -123,6 +127,9 @@ impl Job {
             offset: bytes.start,
             len,
         };
+        if contents == Contents::Zero {
+            return self.zero_target(op);
+        }
         let req = Request::Read {
             offset: op.offset,
             buf: Box::new(self.take_buf(len)),
@@ -135,43 +142,91 @@ impl Job {
         }
     }
 
+    /// Asks the source what the claimed run starts with and keeps only that extent: the zero
+    /// chunks at its start, or the chunks holding its data (a chunk partly data is data). The
+    /// chunks cut off are released, dirty again. Asked after the dirty bits were cleared, so a
+    /// guest write that lands after the answer re-dirties its chunks like one after a read.
+    fn trim_to_source_extent(&self, chunks: Range<u64>) -> (Range<u64>, Contents) {
+        let dirty = &self.shared.dirty;
+        let bytes = dirty.byte_range(chunks.clone());
+        let Ok(extent) = self
+            .source
+            .block_status(bytes.start, bytes.end - bytes.start)
+        else {
+            return (chunks, Contents::Data); // unknown: read it
+        };
+        let (keep, contents) = match extent.contents {
+            Contents::Zero => {
+                let zero = dirty.covered(bytes.start, extent.len);
+                if zero.is_empty() {
+                    (1, Contents::Data)
+                } else {
+                    (zero.end - zero.start, Contents::Zero)
+                }
+            }
+            Contents::Data => {
+                let data = dirty.touched(bytes.start, extent.len);
+                (data.end - data.start, Contents::Data)
+            }
+        };
+        let end = chunks.start + keep;
+        if end < chunks.end {
+            dirty.set(end..chunks.end);
+            for chunk in end..chunks.end {
+                self.shared.locks.release(chunk);
+            }
+            self.st.borrow_mut().cursor = end;
+        }
+        (chunks.start..end, contents)
+    }
+
     fn read_done(self: &Rc<Self>, op: MirrorOp, result: BlockResult, req: Request) {
         let buf = owned(req);
         if let Err(e) = result {
             self.put_buf(buf);
             return self.op_failed(op, IoOperation::Read, &e);
         }
-        let zero = is_zero(buf.as_slice());
-        let req = if zero {
+        if is_zero(buf.as_slice()) {
             self.put_buf(buf);
-            if self.shared.target_zero.all_set(op.chunks.clone()) {
-                return self.op_done(op);
-            }
-            Request::WriteZeroes {
-                offset: op.offset,
-                len: op.len,
-                unmap: self.cfg.unmap,
-            }
-        } else {
-            self.shared.target_zero.clear(op.chunks.clone());
-            Request::Write {
-                offset: op.offset,
-                buf: Box::new(buf),
-            }
+            return self.zero_target(op);
+        }
+        self.shared.target_zero.clear(op.chunks.clone());
+        let req = Request::Write {
+            offset: op.offset,
+            buf: Box::new(buf),
         };
         let job = self.clone();
         self.target.submit(
             req,
             Box::new(move |result, req| {
-                if let Request::Write { buf, .. } = req {
-                    job.put_buf(owned_buf(buf));
-                }
-                match result {
-                    Ok(()) => job.op_done(op),
-                    Err(e) => job.op_failed(op, IoOperation::Write, &e),
-                }
+                job.put_buf(owned(req));
+                job.target_done(op, result);
             }),
         );
+    }
+
+    /// Makes the op's range read as zeroes on the target: a write-zeroes, or nothing where the
+    /// target is known to read as zeroes already (the op still completes in a later turn, like
+    /// every other).
+    fn zero_target(self: &Rc<Self>, op: MirrorOp) {
+        let job = self.clone();
+        if self.shared.target_zero.all_set(op.chunks.clone()) {
+            return self.ctx.defer(move || job.op_done(op));
+        }
+        let req = Request::WriteZeroes {
+            offset: op.offset,
+            len: op.len,
+            unmap: self.cfg.unmap,
+        };
+        self.target
+            .submit(req, Box::new(move |result, _| job.target_done(op, result)));
+    }
+
+    fn target_done(self: &Rc<Self>, op: MirrorOp, result: BlockResult) {
+        match result {
+            Ok(()) => self.op_done(op),
+            Err(e) => self.op_failed(op, IoOperation::Write, &e),
+        }
     }
 
     fn op_done(self: &Rc<Self>, op: MirrorOp) {
@@ -251,10 +306,9 @@ fn describe(error: &BlockError) -> (String, Option<i32>) {
 }
 
 fn owned(req: Request) -> OwnedBuf {
-    owned_buf(req.into_buf().expect("copies read into a buffer"))
-}
-
-fn owned_buf(buf: Box<dyn IoBuffers>) -> OwnedBuf {
+    let buf = req
+        .into_buf()
+        .expect("copies read and write through a buffer");
     let any: Box<dyn std::any::Any> = buf;
     *any.downcast::<OwnedBuf>()
         .expect("the job's copies use OwnedBuf")

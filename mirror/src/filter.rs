@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use ringblk_blkgraph::{BlockResult, Done, Driver, Limits, Node, Request};
+use ringblk_blkgraph::{BlockError, BlockResult, Done, Driver, Extent, Limits, Node, Request};
 use ringblk_ring::buf::{self, OwnedBuf};
 
 use crate::bitmap::DirtyBitmap;
@@ -273,6 +273,10 @@ impl Driver for MirrorTop {
 
     fn children(&self) -> Vec<Node> {
         vec![self.source.clone()]
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent, BlockError> {
+        self.source.block_status(offset, len)
     }
 
     fn submit(&self, req: Request, done: Done) {

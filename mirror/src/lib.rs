@@ -9,8 +9,8 @@
 //!   backend handle on the source moves to the filter, which marks the chunks that guest writes
 //!   touch in the **dirty bitmap** ([`bitmap`]), or in write-blocking mode writes them to both
 //!   sides before completing them;
-//! - the copy loop (`copy`): `MirrorOp`s read dirty chunks from the source and write them (or
-//!   write-zeroes) to the target, bounded by buf-size, rate limited (`ratelimit`), never two
+//! - the copy loop (`copy`): `MirrorOp`s read dirty chunks from the source (skipping what its
+//!   block status knows to be zeroes) and write them (or write-zeroes) to the target, bounded by buf-size, rate limited (`ratelimit`), never two
 //!   at once on a chunk, never at once with a write-blocking guest write (`overlap`);
 //! - the job state machine with QEMU's names, commands and events ([`status`], `command`,
 //!   `job`);
@@ -49,8 +49,9 @@
 //! - An idle READY job sleeps until the filter wakes it (no 100 ms polling).
 //! - An error with the `stop` policy while PENDING retries like `ignore` (PENDING cannot pause).
 //! - `cancel` in PENDING first syncs the target (drained), then reports BLOCK_JOB_CANCELLED.
-//! - Zero chunks are found by reading (no block-status yet): a full copy writes every chunk of
-//!   the target, as data or as write-zeroes, unless `target_is_zero` says it reads as zeroes.
+//! - Block status decides what is read: the source's holes are not read, and the target's
+//!   holes (asked once, at creation) are not zeroed again. A full copy writes every other chunk
+//!   of the target, as data or as write-zeroes (also a chunk of data that reads as zeroes).
 #![forbid(unsafe_code)]
 
 pub mod bitmap;

@@ -490,6 +490,47 @@ fn zero_chunks_are_not_written_at_all_to_a_target_known_to_be_zero() {
 }
 
 #[test]
+fn holes_in_the_source_are_not_read_and_not_written_to_a_sparse_target() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    on_context(|ctx| {
+        let data_blocks = [3, 17, 40, 41, 42, 43, BLOCKS - 1];
+        let source_file = zero_image(BLOCKS * BLOCK);
+        for b in data_blocks {
+            source_file
+                .as_file()
+                .write_all_at(&stamp(b, 0), b * BLOCK)
+                .unwrap();
+        }
+        let (source, source_counts) = Counting::over(file_node("source", &source_file));
+        let target_file = zero_image(BLOCKS * BLOCK);
+        let (target, target_counts) = Counting::over(file_node("target", &target_file));
+        let (tx, mut events) = Events::new();
+        // No `target_is_zero`: the target's block status says so.
+        let mirror = Mirror::create(&source, &target, options("j"), Some(tx)).unwrap();
+        mirror.start().unwrap();
+        events.wait_ready(ctx);
+        let data_bytes = data_blocks.len() as u64 * BLOCK;
+        assert_eq!(
+            source_counts.read_bytes.load(Ordering::SeqCst),
+            data_bytes,
+            "only the data is read"
+        );
+        assert_eq!(target_counts.write_zeroes.load(Ordering::SeqCst), 0);
+        mirror.cancel(false).unwrap();
+        assert_eq!(events.wait_completed(ctx), None);
+        assert_eq!(
+            std::fs::read(target_file.path()).unwrap(),
+            std::fs::read(source_file.path()).unwrap()
+        );
+        let allocated = target_file.as_file().metadata().unwrap().blocks() * 512;
+        assert!(
+            allocated <= data_bytes,
+            "the target stays sparse: {allocated} bytes allocated for {data_bytes} of data"
+        );
+    });
+}
+
+#[test]
 fn in_write_blocking_mode_a_completed_guest_write_is_already_on_the_target() {
     on_context(|ctx| {
         let mut s = plain(

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use ringblk_blkgraph::file::{FileNode, FileOptions};
-use ringblk_blkgraph::{BackendHandle, BlockResult, Driver, Limits, MuteTarget, Node, Request};
+use ringblk_blkgraph::{
+    BackendHandle, BlockError, BlockResult, Driver, Extent, Limits, MuteTarget, Node, Request,
+};
 use ringblk_mirror::{EventSink, JobEvent, JobStatus};
 use ringblk_ring::buf::{self, OwnedBuf};
 use ringblk_ring::{Context, Group, Op, Remote, Wait};
@@ -222,20 +224,26 @@ impl Events {
 /// `(block, acknowledged generation, generation found)`.
 pub type Lost = (u64, u64, Option<u64>);
 
-/// One guest write: a stamped block.
+/// One guest write: a stamped block, or a hole punched (write-zeroes with unmap).
 #[derive(Clone, Copy, Debug)]
 pub struct GuestWrite {
     pub block: u64,
     pub generation: u64,
+    pub zero: bool,
 }
+
+/// The acknowledged "generation" of a block whose latest write punched a hole.
+pub const ZEROED: u64 = u64::MAX;
 
 /// What the guest saw acknowledged, and what it has outstanding.
 pub struct Model {
-    /// Latest acknowledged generation per block (0: the initial stamp).
+    /// Latest acknowledged generation per block (0: the initial stamp; [`ZEROED`]: a hole).
     pub acked: Vec<u64>,
     /// Blocks with a write outstanding (a guest never overlaps its own writes here).
     pub busy: Vec<bool>,
     pub next_generation: u64,
+    /// The random writer punches a hole instead of writing once in this many (0: never).
+    pub holes_one_in: u64,
     pub rng: XorShift,
 }
 
@@ -279,6 +287,7 @@ impl Device {
                 acked: vec![0; blocks as usize],
                 busy: vec![false; blocks as usize],
                 next_generation: 1,
+                holes_one_in: 0,
                 rng: XorShift::new(seed),
             }),
             queued: AtomicU64::new(0),
@@ -322,13 +331,19 @@ impl Device {
             // counts as dispatched once it is submitted.
             let root = self.handle.root();
             let me = self.clone();
-            root.submit(
+            let req = if w.zero {
+                Request::WriteZeroes {
+                    offset: w.block * BLOCK,
+                    len: BLOCK,
+                    unmap: true,
+                }
+            } else {
                 Request::Write {
                     offset: w.block * BLOCK,
                     buf: Box::new(OwnedBuf::from_vec(stamp(w.block, w.generation))),
-                },
-                Box::new(move |result, _| me.on_complete(w, result)),
-            );
+                }
+            };
+            root.submit(req, Box::new(move |result, _| me.on_complete(w, result)));
             let name = root.name().to_owned();
             self.state.roots.lock().unwrap().push((w.block, name));
             self.state.dispatched.fetch_add(1, Ordering::SeqCst);
@@ -339,7 +354,7 @@ impl Device {
         result.expect("a guest write failed");
         {
             let mut model = self.state.model.lock().unwrap();
-            model.acked[w.block as usize] = w.generation;
+            model.acked[w.block as usize] = if w.zero { ZEROED } else { w.generation };
             model.busy[w.block as usize] = false;
         }
         self.state.acked.fetch_add(1, Ordering::SeqCst);
@@ -358,6 +373,15 @@ impl Device {
     /// Queues a write of the next generation of `block` (or of a random idle block) and kicks.
     /// Callable from any thread.
     pub fn write(&self, block: Option<u64>) -> GuestWrite {
+        self.queue_write(block, false)
+    }
+
+    /// Makes the random writer punch a hole (unmapping write-zeroes) once in `one_in` writes.
+    pub fn punch_holes(&self, one_in: u64) {
+        self.state.model.lock().unwrap().holes_one_in = one_in;
+    }
+
+    fn queue_write(&self, block: Option<u64>, may_punch: bool) -> GuestWrite {
         let w = {
             let mut model = self.state.model.lock().unwrap();
             let blocks = model.acked.len() as u64;
@@ -374,7 +398,13 @@ impl Device {
             model.busy[block as usize] = true;
             let generation = model.next_generation;
             model.next_generation += 1;
-            GuestWrite { block, generation }
+            let one_in = model.holes_one_in;
+            let zero = may_punch && one_in > 0 && model.rng.below(one_in) == 0;
+            GuestWrite {
+                block,
+                generation,
+                zero,
+            }
         };
         self.state.queued.fetch_add(1, Ordering::SeqCst);
         self.state.queue.lock().unwrap().push_back(w);
@@ -384,7 +414,7 @@ impl Device {
 
     fn write_random(&self) {
         if self.state.writer.running.load(Ordering::SeqCst) {
-            self.write(None);
+            self.queue_write(None, true);
         }
     }
 
@@ -395,7 +425,7 @@ impl Device {
         w.gap_us.store(gap_us, Ordering::SeqCst);
         w.running.store(true, Ordering::SeqCst);
         for _ in 0..depth {
-            self.write(None);
+            self.queue_write(None, true);
         }
     }
 
@@ -459,8 +489,14 @@ impl Device {
             .iter()
             .enumerate()
             .filter_map(|(b, &expected)| {
-                let found = generation_of(b as u64, results[b].as_ref().unwrap());
-                (found != Some(expected)).then_some((b as u64, expected, found))
+                let data = results[b].as_ref().unwrap();
+                let found = generation_of(b as u64, data);
+                let intact = if expected == ZEROED {
+                    data.iter().all(|&x| x == 0)
+                } else {
+                    found == Some(expected)
+                };
+                (!intact).then_some((b as u64, expected, found))
             })
             .collect()
     }
@@ -477,6 +513,7 @@ pub struct Counts {
     pub writes: AtomicU64,
     pub write_zeroes: AtomicU64,
     pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
     pub flushes: AtomicU64,
 }
 
@@ -507,7 +544,14 @@ impl Driver for Counting {
     fn children(&self) -> Vec<Node> {
         vec![self.child.clone()]
     }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent, BlockError> {
+        self.child.block_status(offset, len)
+    }
     fn submit(&self, req: Request, done: ringblk_blkgraph::Done) {
+        if let Request::Read { .. } = req {
+            let (_, len) = req.range().expect("reads have a range");
+            self.counts.read_bytes.fetch_add(len, Ordering::SeqCst);
+        }
         let c = match req {
             Request::Write { .. } => &self.counts.writes,
             Request::WriteZeroes { .. } => &self.counts.write_zeroes,
