@@ -24,7 +24,7 @@ import tempfile
 import time
 import unittest
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecuteError, QMPClient
 from qemu.qmp.events import EventListener
 
 RINGBLK = os.environ.get("RINGBLK", "target/debug/ringblk")
@@ -82,9 +82,19 @@ class RawClient:
     """A QMP client on a plain socket: sends any bytes, reads messages one per line."""
 
     def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT_S)
-        self.sock.connect(path)
+        # The socket file appears at bind(), a moment before the daemon listens on it.
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(TIMEOUT_S)
+            try:
+                self.sock.connect(path)
+                break
+            except ConnectionRefusedError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         self.buffer = b""
 
     def send(self, data):
@@ -140,7 +150,16 @@ class QmpBehaviour:
     async def asyncSetUp(self):
         self.daemon = Daemon(self.binary)
         self.qmp = QMPClient("test")
-        await asyncio.wait_for(self.qmp.connect(self.daemon.socket_path), TIMEOUT_S)
+        # The socket file appears at bind(), a moment before the daemon listens on it.
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            try:
+                await asyncio.wait_for(self.qmp.connect(self.daemon.socket_path), TIMEOUT_S)
+                break
+            except ConnectError as e:
+                if not isinstance(e.exc, ConnectionRefusedError) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
 
     async def asyncTearDown(self):
         try:
