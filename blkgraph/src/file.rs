@@ -5,13 +5,18 @@
 //! (as QEMU does), a write that makes no progress fails with EIO.
 //!
 //! Block status comes from `lseek(SEEK_DATA/SEEK_HOLE)`: holes read as zeroes. Where the file
-//! system cannot tell (or for a block device, which has no holes), everything is data.
+//! system cannot tell (or for a block device, which has no holes), everything is data. Finding
+//! the next hole walks the file's pages or extents (tmpfs: every page up to it), so the last data
+//! extent found is remembered and answers the next questions inside it; "data" is always a safe
+//! answer, so only a hole punched inside it (discard, write-zeroes with unmap) forgets it.
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
@@ -39,6 +44,8 @@ pub struct FileNode {
     size: u64,
     read_only: bool,
     alignment: u32,
+    /// The last data extent block status found (empty: none).
+    data_extent: Mutex<Range<u64>>,
 }
 
 impl FileNode {
@@ -76,6 +83,7 @@ impl FileNode {
             size,
             read_only: options.read_only,
             alignment,
+            data_extent: Mutex::new(0..0),
         })
     }
 }
@@ -141,13 +149,23 @@ impl Driver for FileNode {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent, BlockError> {
+        let known = self.data_extent.lock().unwrap().clone();
+        if known.contains(&offset) {
+            return Ok(Extent {
+                contents: Contents::Data,
+                len: (known.end - offset).min(len),
+            });
+        }
         let (contents, end) = match seek(&self.file, offset, Whence::SeekData) {
             // A hole up to the end of the file (or the file shrank under us).
             Err(Errno::ENXIO) => (Contents::Zero, u64::MAX),
             Err(_) => (Contents::Data, u64::MAX),
             Ok(data) if data > offset => (Contents::Zero, data),
             Ok(_) => match seek(&self.file, offset, Whence::SeekHole) {
-                Ok(hole) if hole > offset => (Contents::Data, hole),
+                Ok(hole) if hole > offset => {
+                    *self.data_extent.lock().unwrap() = offset..hole;
+                    (Contents::Data, hole)
+                }
                 _ => (Contents::Data, u64::MAX),
             },
         };
@@ -164,6 +182,7 @@ impl Driver for FileNode {
             Request::Write { offset, buf } => transfer(fd, Direction::Write, offset, buf, 0, done),
             Request::Flush => submit_op(Op::Fsync { fd, datasync: true }, Request::Flush, done),
             Request::Discard { offset, len } => {
+                self.forget_data_extent();
                 let op = Op::Fallocate {
                     fd,
                     mode: Fallocate::PunchHole,
@@ -180,6 +199,9 @@ impl Driver for FileNode {
                 );
             }
             Request::WriteZeroes { offset, len, unmap } => {
+                if unmap {
+                    self.forget_data_extent();
+                }
                 let mode = if unmap {
                     Fallocate::PunchHole
                 } else {
@@ -194,6 +216,13 @@ impl Driver for FileNode {
                 submit_op(op, Request::WriteZeroes { offset, len, unmap }, done);
             }
         }
+    }
+}
+
+impl FileNode {
+    /// A hole may be punched: block status asks the file again.
+    fn forget_data_extent(&self) {
+        *self.data_extent.lock().unwrap() = 0..0;
     }
 }
 

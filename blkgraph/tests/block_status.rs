@@ -1,6 +1,11 @@
 //! Block status: what the file and null drivers report about holes, data and ranges.
 
+mod common;
+
 use std::os::unix::fs::FileExt;
+
+use common::*;
+use ringblk_blkgraph::Request;
 
 use ringblk_blkgraph::file::{FileNode, FileOptions};
 use ringblk_blkgraph::null::{NullCo, NullOptions};
@@ -137,4 +142,45 @@ fn null_co_reads_as_zeroes_only_with_read_zeroes() {
         zeroes.block_status(4096, 8192).unwrap(),
         extent(Contents::Zero, 8192)
     );
+}
+
+#[test]
+fn a_hole_punched_inside_a_known_data_extent_is_seen() {
+    let (_f, node) = sparse_file();
+    // The first answer is remembered and serves later ones inside the extent.
+    assert_eq!(
+        node.block_status(64 * KIB, 4 * KIB).unwrap(),
+        extent(Contents::Data, 4 * KIB)
+    );
+    assert_eq!(
+        node.block_status(96 * KIB, 4 * KIB).unwrap(),
+        extent(Contents::Data, 4 * KIB)
+    );
+    on_context(move |ctx| {
+        for (offset, unmapping) in [
+            (
+                96 * KIB,
+                Request::Discard {
+                    offset: 96 * KIB,
+                    len: 32 * KIB,
+                },
+            ),
+            (
+                64 * KIB,
+                Request::WriteZeroes {
+                    offset: 64 * KIB,
+                    len: 32 * KIB,
+                    unmap: true,
+                },
+            ),
+        ] {
+            let slot = start(&node, unmapping);
+            ctx.run_until(|| slot.borrow().is_some());
+            assert_eq!(
+                node.block_status(offset, 32 * KIB).unwrap(),
+                extent(Contents::Zero, 32 * KIB),
+                "punched at {offset}"
+            );
+        }
+    });
 }
