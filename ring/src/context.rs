@@ -273,7 +273,10 @@ impl Context {
         // unmaps `iov` later. Fixed ops are built only from IoBuffers whose contract makes their
         // single segment lie inside the buffer registered in the slot they name, from the same
         // memory, so what the kernel touches through the slot is that op's own buffer.
-        unsafe { ring.submitter().register_buffers_update(index, &[iov], None) }
+        unsafe {
+            ring.submitter()
+                .register_buffers_update(index, &[iov], None)
+        }
     }
 
     /// Drops the ring's buffer table, if any.

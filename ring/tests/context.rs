@@ -475,9 +475,15 @@ fn a_new_sparse_table_empties_every_slot() {
         assert_eq!(run_op(ctx, read()).1.unwrap(), 512);
         // Replacing the table (no EBUSY: the old one is dropped first) leaves slot 1 empty again.
         ctx.register_buffers_sparse(4).unwrap();
-        assert!(run_op(ctx, read()).1.is_err(), "slot 1 survived a new table");
+        assert!(
+            run_op(ctx, read()).1.is_err(),
+            "slot 1 survived a new table"
+        );
         ctx.unregister_buffers();
-        assert!(run_op(ctx, read()).1.is_err(), "slot 1 survived unregistering");
+        assert!(
+            run_op(ctx, read()).1.is_err(),
+            "slot 1 survived unregistering"
+        );
     });
 }
 

@@ -130,9 +130,7 @@ pub(crate) fn vouch(data: &mut GuestBuffers) -> Option<FixedUse> {
     // the caller keeps until the request has completed; the request runs on this context only.
     unsafe { data.assume_fixed_chunk_registered() };
     RING.with_borrow_mut(|r| r.in_use += 1);
-    Some(FixedUse {
-        _ring: PhantomData,
-    })
+    Some(FixedUse { _ring: PhantomData })
 }
 
 /// Makes `table` the owner of this ring with a fresh sparse buffer table (nothing pinned).
@@ -225,8 +223,9 @@ mod tests {
 
     /// A sparse memfd of `bytes` (nothing allocated) and a table of it at guest address 0.
     fn table(bytes: u64) -> (Arc<MemoryTable>, File) {
-        let fd = nix::sys::memfd::memfd_create(c"ringblk-fixed", nix::sys::memfd::MFdFlags::empty())
-            .expect("memfd_create");
+        let fd =
+            nix::sys::memfd::memfd_create(c"ringblk-fixed", nix::sys::memfd::MFdFlags::empty())
+                .expect("memfd_create");
         let f = File::from(fd);
         f.set_len(bytes).unwrap();
         let region = RegionDesc {

@@ -358,7 +358,10 @@ impl MemoryTable {
     pub fn fixed_chunk(&self, index: u16) -> Option<libc::iovec> {
         let chunks = self.chunks.as_ref().filter(|c| index < c.count)?;
         // The region holding the chunk: the last whose first chunk is at most `index`.
-        let region = chunks.first.partition_point(|&f| f <= index).checked_sub(1)?;
+        let region = chunks
+            .first
+            .partition_point(|&f| f <= index)
+            .checked_sub(1)?;
         let r = &self.regions[region];
         let offset = u64::from(index - chunks.first[region]) * chunks.bytes;
         // The region's size fits usize (checked in `map`) and the chunk starts inside it.
@@ -1019,11 +1022,17 @@ mod tests {
         assert_eq!((c.bytes, c.count), (2 * MIB, 512));
         // 32 GiB in 2 MiB chunks is exactly the limit; one more byte doubles the chunk.
         let c = Chunks::cut(&[16 * GIB, 16 * GIB]).unwrap();
-        assert_eq!((c.bytes, c.count, c.first.as_slice()), (2 * MIB, 16384, &[0, 8192][..]));
+        assert_eq!(
+            (c.bytes, c.count, c.first.as_slice()),
+            (2 * MIB, 16384, &[0, 8192][..])
+        );
         let c = Chunks::cut(&[16 * GIB, 16 * GIB + 1]).unwrap();
         assert_eq!((c.bytes, c.count), (4 * MIB, 8193));
         let c = Chunks::cut(&[3 * MIB, 4096, 5 * MIB]).unwrap();
-        assert_eq!((c.bytes, c.count, c.first.as_slice()), (2 * MIB, 6, &[0, 2, 3][..]));
+        assert_eq!(
+            (c.bytes, c.count, c.first.as_slice()),
+            (2 * MIB, 6, &[0, 2, 3][..])
+        );
         // 16 TiB in 1 GiB buffers is the most a ring can register.
         assert_eq!(Chunks::cut(&[16384 * GIB]).unwrap().bytes, GIB);
         assert!(Chunks::cut(&[16384 * GIB + 1]).is_none());
@@ -1039,7 +1048,10 @@ mod tests {
             (desc(0x1000_0000, 4 * MIB, 0x8000_0000, 4 * MIB), f.as_fd()),
         ])
         .unwrap();
-        assert_eq!((t.fixed_chunks(), t.fixed_chunk_bytes()), (4, Some(2 * MIB)));
+        assert_eq!(
+            (t.fixed_chunks(), t.fixed_chunk_bytes()),
+            (4, Some(2 * MIB))
+        );
         let host = |gpa: u64| t.guest_slice(gpa, 1).unwrap().host_range().start;
         let expect = [
             (host(0), 2 * MIB),
@@ -1049,7 +1061,11 @@ mod tests {
         ];
         for (i, (base, len)) in (0u16..).zip(expect) {
             let iov = t.fixed_chunk(i).unwrap();
-            assert_eq!((iov.iov_base as usize, iov.iov_len as u64), (base, len), "chunk {i}");
+            assert_eq!(
+                (iov.iov_base as usize, iov.iov_len as u64),
+                (base, len),
+                "chunk {i}"
+            );
         }
         assert!(t.fixed_chunk(4).is_none());
     }
@@ -1072,7 +1088,11 @@ mod tests {
         };
         assert_eq!(chunk(0, 4096), Some(0));
         assert_eq!(chunk(2 * MIB - 4096, 4096), Some(0));
-        assert_eq!(chunk(2 * MIB - 4096, 8192), None, "straddles chunks 0 and 1");
+        assert_eq!(
+            chunk(2 * MIB - 4096, 8192),
+            None,
+            "straddles chunks 0 and 1"
+        );
         assert_eq!(chunk(2 * MIB, MIB), Some(1));
         assert_eq!(chunk(0x1000_0000 + 2 * MIB + 512, 512), Some(3));
     }
