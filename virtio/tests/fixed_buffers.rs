@@ -249,7 +249,7 @@ impl Guest {
 /// `len` bytes that differ from those of any other `seed`.
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
-        .map(|i| (i as u8).wrapping_mul(31) ^ seed.wrapping_mul(0x5b) ^ (i >> 8) as u8)
+        .map(|i| i.to_le_bytes()[0].wrapping_mul(31) ^ seed.wrapping_mul(0x5b) ^ i.to_le_bytes()[1])
         .collect()
 }
 
@@ -269,7 +269,7 @@ fn a_large_guest_memory_is_served_without_becoming_resident() {
     for i in 0..8u64 {
         let gpa = DATA_GPA + i * (GIB / 2) + 3 * MIB;
         let before = allocated_bytes(&guest.data_mem);
-        let bytes = pattern(i as u8, data);
+        let bytes = pattern(u8::try_from(i).unwrap(), data);
         guest.write_sector(i * 1024, gpa, &bytes);
         // The first use of the chunk registered (and so faulted in) exactly that chunk: the
         // request went through a fixed buffer.
