@@ -117,7 +117,14 @@ pub(crate) fn vouch(data: &mut GuestBuffers) -> Option<FixedUse> {
     loop {
         // No borrow is held across the syscalls below: registering first hands queued SQEs to
         // the kernel, which may reap completions that drop FixedUses.
-        match RING.with_borrow(|r| r.step(id, chunk)) {
+        let step = RING.with_borrow_mut(|r| {
+            let step = r.step(id, chunk);
+            if let Step::Use = step {
+                r.in_use += 1;
+            }
+            step
+        });
+        match step {
             Step::Use => break,
             Step::Fallback => return None,
             Step::Claim => claim(table),
@@ -127,9 +134,9 @@ pub(crate) fn vouch(data: &mut GuestBuffers) -> Option<FixedUse> {
     // SAFETY: `step` returned Use: this context's ring is owned by `data.table()` (same id) and
     // its slot `chunk` holds `fixed_chunk(chunk)` of that table (filled by `fill`, never replaced
     // while the owner stays); the owner does not change while the FixedUse made here lives, which
-    // the caller keeps until the request has completed; the request runs on this context only.
+    // the caller keeps until the request has completed (`in_use` counts it from the same borrow
+    // that saw Use); the request runs on this context only.
     unsafe { data.assume_fixed_chunk_registered() };
-    RING.with_borrow_mut(|r| r.in_use += 1);
     Some(FixedUse { _ring: PhantomData })
 }
 

@@ -195,6 +195,8 @@ pub struct MemoryTable {
 struct Chunks {
     /// A power of two, at least [`FIXED_CHUNK_MIN_BYTES`], at most io_uring's largest buffer.
     bytes: u64,
+    /// log2 of `bytes`: the hot path shifts rather than divides.
+    shift: u32,
     /// First chunk number of each region.
     first: Vec<u16>,
     /// Number of chunks, at most the ring's slot limit.
@@ -216,6 +218,7 @@ impl Chunks {
             if count <= u64::from(FIXED_BUFFER_SLOTS_MAX) {
                 return Some(Chunks {
                     bytes,
+                    shift: bytes.trailing_zeros(),
                     first: first
                         .into_iter()
                         .map(u16::try_from)
@@ -700,12 +703,12 @@ impl GuestBuffers {
     fn chunk_of(&self, range: &GuestRange) -> Option<u16> {
         let chunks = self.table.chunks.as_ref()?;
         // `range` is non-empty and inside its region, so neither end overflows.
-        let first = u64::try_from(range.offset).ok()? / chunks.bytes;
-        let last = u64::try_from(range.offset + range.len - 1).ok()? / chunks.bytes;
+        let first = range.offset >> chunks.shift;
+        let last = (range.offset + range.len - 1) >> chunks.shift;
         if first != last {
             return None;
         }
-        let index = u64::from(chunks.first[usize::from(range.region)]) + first;
+        let index = usize::from(chunks.first[usize::from(range.region)]) + first;
         u16::try_from(index).ok().filter(|&i| i < chunks.count)
     }
 
