@@ -16,8 +16,11 @@ use std::ptr;
 /// is valid for reads and writes of `iov_len` bytes, and that this memory is neither freed,
 /// unmapped nor moved for as long as the value lives. The memory may be shared with another
 /// process (guest memory): readers must not assume it is stable, only that it is mapped.
-/// If [`IoBuffers::fixed_index`] returns `Some(i)`, there is exactly one iovec and it lies entirely
-/// inside the buffer registered at index `i` of every ring the buffers are submitted to.
+/// If [`IoBuffers::fixed_index`] returns `Some(i)`, there is exactly one iovec, and for every op
+/// that carries the buffers, from its submission until its completion is reaped, slot `i` of the
+/// buffer table of the ring it is submitted to holds a buffer that contains the iovec entirely and
+/// was registered from the memory mapped there now (not from an earlier mapping at the same
+/// addresses: the kernel uses the pages it pinned at registration).
 pub unsafe trait IoBuffers: std::any::Any + Send {
     /// The segments, in order.
     fn iovecs(&self) -> &[libc::iovec];
@@ -27,6 +30,12 @@ pub unsafe trait IoBuffers: std::any::Any + Send {
         None
     }
 }
+
+/// Most slots a ring's buffer table may have (the kernel's IORING_MAX_REG_BUFFERS).
+pub const FIXED_BUFFER_SLOTS_MAX: u32 = 1 << 14;
+
+/// Largest buffer one slot may hold.
+pub const FIXED_BUFFER_BYTES_MAX: u64 = 1 << 30;
 
 /// Total length in bytes of the segments.
 pub fn total_len(bufs: &dyn IoBuffers) -> usize {

@@ -243,20 +243,46 @@ impl Context {
         self.0.ops_in_flight.get()
     }
 
-    /// Registers guest or buffer memory as io_uring fixed buffers, replacing any earlier set.
-    /// Ops whose buffers report a `fixed_index` then use READ_FIXED/WRITE_FIXED.
-    pub fn register_buffers(&self, iovecs: &[libc::iovec]) -> io::Result<()> {
+    // ---- fixed buffers ----------------------------------------------------------------------
+    //
+    // An op whose buffers report a `fixed_index` uses READ_FIXED/WRITE_FIXED with that slot of
+    // the ring's buffer table. The kernel resolves the slot when the op is handed to it and keeps
+    // the buffer referenced until the op completes, so changing the table affects only ops handed
+    // over later. Each call below first hands this turn's queued SQEs to the kernel: they were
+    // built against the table as it was.
+
+    /// Replaces the ring's buffer table with `slots` empty slots (a sparse table; nothing is
+    /// pinned until a slot is filled with [`Context::register_buffer`]). At most
+    /// [`crate::buf::FIXED_BUFFER_SLOTS_MAX`] slots.
+    pub fn register_buffers_sparse(&self, slots: u32) -> io::Result<()> {
+        self.flush()?;
         let ring = self.0.ring.borrow();
+        // ENXIO: there was no table.
         let _ = ring.submitter().unregister_buffers();
-        // SAFETY: the kernel pins the pages behind `iovecs` for as long as they stay registered,
-        // so the registration cannot outlive the memory from the kernel's side even if the
-        // caller unmaps it; fixed ops are only built from IoBuffers whose contract guarantees
-        // their single segment lies inside the buffer they name.
-        unsafe { ring.submitter().register_buffers(iovecs) }
+        ring.submitter().register_buffers_sparse(slots)
     }
 
-    /// Drops the fixed buffers registered with [`Context::register_buffers`].
+    /// Fills slot `index` of the buffer table with `iov`, replacing what was there. The kernel
+    /// pins the pages behind `iov` now (faulting in any not yet touched) and holds them until the
+    /// slot is replaced or the table unregistered and the last op that used them has completed.
+    pub fn register_buffer(&self, index: u32, iov: libc::iovec) -> io::Result<()> {
+        self.flush()?;
+        let ring = self.0.ring.borrow();
+        // SAFETY: the kernel pins the pages mapped at `iov` now and only ever touches those pinned
+        // pages through this slot, so the registration cannot outlive them even if the caller
+        // unmaps `iov` later. Fixed ops are built only from IoBuffers whose contract makes their
+        // single segment lie inside the buffer registered in the slot they name, from the same
+        // memory, so what the kernel touches through the slot is that op's own buffer.
+        unsafe {
+            ring.submitter()
+                .register_buffers_update(index, &[iov], None)
+        }
+    }
+
+    /// Drops the ring's buffer table, if any.
     pub fn unregister_buffers(&self) {
+        self.flush_or_panic();
+        // ENXIO: there was no table.
         let _ = self.0.ring.borrow().submitter().unregister_buffers();
     }
 

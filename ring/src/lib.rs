@@ -9,6 +9,11 @@
 //! - **Ops own their buffers.** An [`Op`] holds its [`buf::IoBuffers`] from submission until its
 //!   completion is reaped; the completion hands them back. Tearing a context down cancels what is
 //!   in flight and waits for every completion before anything is freed.
+//! - **Fixed buffers are resolved at submission.** A ring's buffer table is sparse and filled
+//!   slot by slot ([`Context::register_buffers_sparse`], [`Context::register_buffer`]); the
+//!   kernel resolves an op's slot when the op is handed to it and keeps that buffer until the op
+//!   completes, and every change to the table first hands the turn's queued SQEs to the kernel.
+//!   Which memory a slot holds is the business of the [`buf::IoBuffers`] that name it.
 //! - **Deferred means later.** [`Context::defer`] and [`Remote::defer`] never run the callback
 //!   inline; a deferred callback runs at a later loop turn. Callbacks posted from one thread run
 //!   in posting order.

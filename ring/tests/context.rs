@@ -378,76 +378,112 @@ fn error_from_the_kernel_reaches_the_completion() {
     });
 }
 
-/// A buffer inside a registered region, to exercise READ_FIXED / WRITE_FIXED.
+/// A buffer that names slot `slot` of the ring's buffer table, to exercise READ_FIXED /
+/// WRITE_FIXED.
 struct Fixed {
     iov: [libc::iovec; 1],
-    _region: Rc<()>,
+    slot: u16,
+    _not_sync: Rc<()>,
 }
-// SAFETY: test-only: the iovec points into a leaked Vec that is never freed.
+// SAFETY: test-only: the iovec points into a leaked Vec that is never freed, registered in `slot`
+// whenever an op carrying it succeeds; the one op built on an empty slot is refused by the kernel
+// (what that test checks) without touching memory.
 unsafe impl ringblk_ring::buf::IoBuffers for Fixed {
     fn iovecs(&self) -> &[libc::iovec] {
         &self.iov
     }
     fn fixed_index(&self) -> Option<u16> {
-        Some(0)
+        Some(self.slot)
     }
 }
 // SAFETY: test-only, see above; the Rc is never touched.
 unsafe impl Send for Fixed {}
 
+/// 64 KiB that live as long as the process.
+fn leaked_region() -> *mut u8 {
+    Box::leak(vec![0u8; 1 << 16].into_boxed_slice()).as_mut_ptr()
+}
+
+fn fixed_at(base: *mut u8, slot: u16, off: usize, len: usize) -> Box<Fixed> {
+    Box::new(Fixed {
+        iov: [libc::iovec {
+            iov_base: base.wrapping_add(off).cast(),
+            iov_len: len,
+        }],
+        slot,
+        _not_sync: Rc::new(()),
+    })
+}
+
+fn region_iovec(base: *mut u8) -> libc::iovec {
+    libc::iovec {
+        iov_base: base.cast(),
+        iov_len: 1 << 16,
+    }
+}
+
 #[test]
-fn fixed_buffer_write_then_read_round_trips() {
+fn fixed_ops_through_a_filled_sparse_slot_round_trip() {
     on_context(|ctx| {
-        let region: &'static mut [u8] = Box::leak(vec![0u8; 1 << 16].into_boxed_slice());
-        let base = region.as_mut_ptr();
-        ctx.register_buffers(&[libc::iovec {
-            iov_base: base.cast(),
-            iov_len: region.len(),
-        }])
-        .unwrap();
-        region[..4].copy_from_slice(b"fixd");
+        let base = leaked_region();
+        ctx.register_buffers_sparse(8).unwrap();
+        ctx.register_buffer(5, region_iovec(base)).unwrap();
+        // SAFETY: the region is 64 KiB and only this test touches it, between ops.
+        unsafe { std::ptr::copy_nonoverlapping(b"fixd".as_ptr(), base, 4) };
         let f = image(8192);
         let fd = f.as_file().as_raw_fd();
-        let at = |off: usize, len: usize| Fixed {
-            iov: [libc::iovec {
-                iov_base: base.wrapping_add(off).cast(),
-                iov_len: len,
-            }],
-            _region: Rc::new(()),
+        let write = Op::Write {
+            fd,
+            offset: 0,
+            buf: fixed_at(base, 5, 0, 512),
         };
-        assert_eq!(
-            run_op(
-                ctx,
-                Op::Write {
-                    fd,
-                    offset: 0,
-                    buf: Box::new(at(0, 512))
-                }
-            )
-            .1
-            .unwrap(),
-            512
-        );
-        assert_eq!(
-            run_op(
-                ctx,
-                Op::Read {
-                    fd,
-                    offset: 0,
-                    buf: Box::new(at(4096, 512))
-                }
-            )
-            .1
-            .unwrap(),
-            512
-        );
+        assert_eq!(run_op(ctx, write).1.unwrap(), 512);
+        let read = Op::Read {
+            fd,
+            offset: 0,
+            buf: fixed_at(base, 5, 4096, 512),
+        };
+        assert_eq!(run_op(ctx, read).1.unwrap(), 512);
         let mut check = [0u8; 4];
         std::fs::File::open(f.path())
             .unwrap()
             .read_exact(&mut check)
             .unwrap();
         assert_eq!(&check, b"fixd");
+        let mut back = [0u8; 4];
+        // SAFETY: as above; the read has completed.
+        unsafe { std::ptr::copy_nonoverlapping(base.wrapping_add(4096), back.as_mut_ptr(), 4) };
+        assert_eq!(&back, b"fixd");
         ctx.unregister_buffers();
+    });
+}
+
+#[test]
+fn a_new_sparse_table_empties_every_slot() {
+    on_context(|ctx| {
+        let base = leaked_region();
+        let f = image(8192);
+        let fd = f.as_file().as_raw_fd();
+        let read = || Op::Read {
+            fd,
+            offset: 0,
+            buf: fixed_at(base, 1, 0, 512),
+        };
+        ctx.register_buffers_sparse(4).unwrap();
+        assert!(run_op(ctx, read()).1.is_err(), "slot 1 was never filled");
+        ctx.register_buffer(1, region_iovec(base)).unwrap();
+        assert_eq!(run_op(ctx, read()).1.unwrap(), 512);
+        // Replacing the table (no EBUSY: the old one is dropped first) leaves slot 1 empty again.
+        ctx.register_buffers_sparse(4).unwrap();
+        assert!(
+            run_op(ctx, read()).1.is_err(),
+            "slot 1 survived a new table"
+        );
+        ctx.unregister_buffers();
+        assert!(
+            run_op(ctx, read()).1.is_err(),
+            "slot 1 survived unregistering"
+        );
     });
 }
 

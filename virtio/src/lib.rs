@@ -11,6 +11,8 @@
 //! - [`blk`]: parsing a chain into a virtio-blk request (§5.2.6) and answering it; the one
 //!   place request errors become status bytes ([`blk::status`]).
 //! - [`config`]: the config space (§5.2.4), the feature bits offered, the GET_ID string.
+//! - `fixed`: guest memory registered with each ring as io_uring fixed buffers, lazily, one
+//!   chunk at its first use, and the bookkeeping that lets a request claim its chunk's slot.
 //! - `testing` (feature `test-utils`): a driver-side mock queue for tests and benches.
 //!
 //! # Invariants
@@ -42,6 +44,7 @@ mod backend;
 pub mod blk;
 pub mod config;
 mod export;
+mod fixed;
 pub mod memory;
 pub mod queue;
 mod serve;

@@ -48,18 +48,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
-use ringblk_ring::buf::IoBuffers;
+use ringblk_ring::buf::{FIXED_BUFFER_BYTES_MAX, FIXED_BUFFER_SLOTS_MAX, IoBuffers};
 
 use crate::small::SmallList;
 
 /// Most regions a table may hold (vhost-user's memory slots).
 pub const MAX_REGIONS: usize = 512;
 
-/// Largest buffer io_uring accepts for registration; regions are registered in chunks of this.
-pub const FIXED_BUFFER_CHUNK_BYTES: u64 = 1 << 30;
-
-/// Most registered buffers io_uring accepts in one table (IORING_MAX_REG_BUFFERS).
-const FIXED_BUFFERS_MAX: u64 = 1 << 14;
+/// Smallest fixed-buffer chunk. A ring registers guest memory lazily, one chunk at its first use,
+/// so this is about what one request pins (and makes resident) beyond its own buffer.
+pub const FIXED_CHUNK_MIN_BYTES: u64 = 2 << 20;
 
 /// One memory region as the frontend describes it (vhost-user `VhostUserMemoryRegion`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -184,10 +182,55 @@ static NEXT_TABLE_ID: AtomicU64 = AtomicU64::new(1);
 pub struct MemoryTable {
     /// Sorted by guest-physical address; the index is the region's index everywhere.
     regions: Vec<Arc<MappedRegion>>,
-    /// First fixed-buffer chunk of each region (see [`MemoryTable::fixed_buffer_iovecs`]).
-    first_chunk: Vec<u64>,
-    chunks: u64,
+    /// How the regions are cut into fixed-buffer chunks; `None` if they cannot be within the
+    /// ring's slot limit.
+    chunks: Option<Chunks>,
     id: u64,
+}
+
+/// The table's memory cut into fixed-buffer chunks, numbered region after region: chunk `i` of
+/// region `r` is `[i * bytes, (i + 1) * bytes)` of the region (the last one may be shorter), and
+/// its number is `first[r] + i`.
+#[derive(Debug)]
+struct Chunks {
+    /// A power of two, at least [`FIXED_CHUNK_MIN_BYTES`], at most io_uring's largest buffer.
+    bytes: u64,
+    /// log2 of `bytes`: the hot path shifts rather than divides.
+    shift: u32,
+    /// First chunk number of each region.
+    first: Vec<u16>,
+    /// Number of chunks, at most the ring's slot limit.
+    count: u16,
+}
+
+impl Chunks {
+    /// Regions of these sizes cut with the smallest chunk size that keeps the chunk count within
+    /// the ring's slot limit; `None` if even the largest does not.
+    fn cut(region_bytes: &[u64]) -> Option<Chunks> {
+        let mut bytes = FIXED_CHUNK_MIN_BYTES;
+        while bytes <= FIXED_BUFFER_BYTES_MAX {
+            let mut first = Vec::with_capacity(region_bytes.len());
+            let mut count = 0u64;
+            for size in region_bytes {
+                first.push(count);
+                count = count.checked_add(size.div_ceil(bytes))?;
+            }
+            if count <= u64::from(FIXED_BUFFER_SLOTS_MAX) {
+                return Some(Chunks {
+                    bytes,
+                    shift: bytes.trailing_zeros(),
+                    first: first
+                        .into_iter()
+                        .map(u16::try_from)
+                        .collect::<Result<_, _>>()
+                        .ok()?,
+                    count: u16::try_from(count).ok()?,
+                });
+            }
+            bytes = bytes.checked_mul(2)?;
+        }
+        None
+    }
 }
 
 impl fmt::Debug for MemoryTable {
@@ -275,16 +318,11 @@ impl MemoryTable {
                 });
             }
         }
-        let mut first_chunk = Vec::with_capacity(regions.len());
-        let mut chunks = 0u64;
-        for r in &regions {
-            first_chunk.push(chunks);
-            chunks += r.desc.memory_size.div_ceil(FIXED_BUFFER_CHUNK_BYTES);
-        }
+        let sizes: Vec<u64> = regions.iter().map(|r| r.desc.memory_size).collect();
+        let chunks = Chunks::cut(&sizes);
         let id = NEXT_TABLE_ID.fetch_add(1, Ordering::Relaxed);
         Ok(MemoryTable {
             regions,
-            first_chunk,
             chunks,
             id,
         })
@@ -307,30 +345,37 @@ impl MemoryTable {
         self.regions.iter().all(|r| r.shrink_sealed)
     }
 
-    /// The buffers a ring registers (IORING_REGISTER_BUFFERS) to use fixed-buffer ops on this
-    /// table's memory, in index order: every region cut into chunks of at most
-    /// [`FIXED_BUFFER_CHUNK_BYTES`]. `None` if there are more chunks than io_uring accepts.
-    /// The pointers stay valid while this table lives.
-    pub fn fixed_buffer_iovecs(&self) -> Option<Vec<libc::iovec>> {
-        if self.chunks > FIXED_BUFFERS_MAX {
-            return None;
-        }
-        let mut iovs = Vec::new();
-        for r in &self.regions {
-            let base = r.map.as_mut_ptr();
-            let len = r.map.len();
-            let chunk = usize::try_from(FIXED_BUFFER_CHUNK_BYTES).unwrap_or(usize::MAX);
-            let mut off = 0usize;
-            while off < len {
-                let n = chunk.min(len - off);
-                iovs.push(libc::iovec {
-                    iov_base: base.wrapping_add(off).cast(),
-                    iov_len: n,
-                });
-                off += n;
-            }
-        }
-        Some(iovs)
+    /// Number of fixed-buffer chunks the table is cut into: the slots of a ring's buffer table
+    /// for it. 0 if it cannot be cut within the ring's slot limit (then no fixed buffers).
+    pub fn fixed_chunks(&self) -> u16 {
+        self.chunks.as_ref().map_or(0, |c| c.count)
+    }
+
+    /// Size of the table's fixed-buffer chunks (the last chunk of a region may be shorter).
+    pub fn fixed_chunk_bytes(&self) -> Option<u64> {
+        self.chunks.as_ref().map(|c| c.bytes)
+    }
+
+    /// Fixed-buffer chunk `index`, to register in slot `index` of a ring's buffer table. The
+    /// pointer stays valid while this table lives.
+    pub fn fixed_chunk(&self, index: u16) -> Option<libc::iovec> {
+        let chunks = self.chunks.as_ref().filter(|c| index < c.count)?;
+        // The region holding the chunk: the last whose first chunk is at most `index`.
+        let region = chunks
+            .first
+            .partition_point(|&f| f <= index)
+            .checked_sub(1)?;
+        let r = &self.regions[region];
+        let offset = u64::from(index - chunks.first[region]) * chunks.bytes;
+        // The region's size fits usize (checked in `map`) and the chunk starts inside it.
+        let offset = usize::try_from(offset).ok()?;
+        let len = r.map.len().checked_sub(offset)?;
+        let len = len.min(usize::try_from(chunks.bytes).unwrap_or(usize::MAX));
+        Some(libc::iovec {
+            // In bounds of the mapping: offset < map.len().
+            iov_base: r.map.as_mut_ptr().wrapping_add(offset).cast(),
+            iov_len: len,
+        })
     }
 
     /// Region index and offset of the guest-physical range `[addr, addr + len)`.
@@ -600,10 +645,11 @@ const IOVEC_EMPTY: libc::iovec = libc::iovec {
 pub struct GuestBuffers {
     /// Each iovec lies inside one mapping of `table`.
     iovs: SmallList<libc::iovec, 3>,
-    /// Fixed-buffer chunk holding the single segment, when there is exactly one and it lies in
-    /// one chunk.
+    /// Fixed-buffer chunk of `table` holding the single segment, when there is exactly one and
+    /// it lies in one chunk.
     chunk: Option<u16>,
-    /// Whether the submitter vouched that its ring registered `table`'s fixed buffers.
+    /// Whether the submitter vouched that its ring registered that chunk in the slot of the same
+    /// number (unsafe `assume_fixed_chunk_registered`).
     fixed_registered: bool,
     len: usize,
     /// Keeps every mapping `iovs` points into alive. No Drop code uses `iovs`, so field order
@@ -655,13 +701,15 @@ impl GuestBuffers {
     }
 
     fn chunk_of(&self, range: &GuestRange) -> Option<u16> {
-        let region = usize::from(range.region);
-        let first = u64::try_from(range.offset).ok()? / FIXED_BUFFER_CHUNK_BYTES;
-        let last = u64::try_from(range.offset + range.len - 1).ok()? / FIXED_BUFFER_CHUNK_BYTES;
-        if first != last || self.table.chunks > FIXED_BUFFERS_MAX {
+        let chunks = self.table.chunks.as_ref()?;
+        // `range` is non-empty and inside its region, so neither end overflows.
+        let first = range.offset >> chunks.shift;
+        let last = (range.offset + range.len - 1) >> chunks.shift;
+        if first != last {
             return None;
         }
-        u16::try_from(self.table.first_chunk[region] + first).ok()
+        let index = usize::from(chunks.first[usize::from(range.region)]) + first;
+        u16::try_from(index).ok().filter(|&i| i < chunks.count)
     }
 
     /// Total length in bytes.
@@ -683,19 +731,20 @@ impl GuestBuffers {
         &self.table
     }
 
-    /// The fixed-buffer index ([`MemoryTable::fixed_buffer_iovecs`] order) holding the single
-    /// segment, whether or not any ring registered it.
+    /// The fixed-buffer chunk of [`Self::table`] ([`MemoryTable::fixed_chunk`]) holding the
+    /// single segment, whether or not any ring registered it.
     pub fn fixed_buffer_chunk(&self) -> Option<u16> {
         self.chunk
     }
 
-    /// Makes [`IoBuffers::fixed_index`] report [`Self::fixed_buffer_chunk`].
+    /// Makes [`IoBuffers::fixed_index`] report [`Self::fixed_buffer_chunk`] as the slot.
     ///
     /// # Safety
-    /// Every ring these buffers are submitted to must have registered exactly
-    /// `self.table().fixed_buffer_iovecs()` as its fixed buffers, in order, and keep them
-    /// registered until the op's completion is reaped (compare [`MemoryTable::id`]).
-    pub unsafe fn assume_fixed_buffers_registered(&mut self) {
+    /// The buffers must be submitted only to one ring, and from now until the completion of
+    /// every op carrying them is reaped, slot `c` of that ring's buffer table must hold exactly
+    /// `self.table().fixed_chunk(c)`, registered from this table (the same [`MemoryTable::id`],
+    /// not merely the same addresses), where `c` is [`Self::fixed_buffer_chunk`].
+    pub unsafe fn assume_fixed_chunk_registered(&mut self) {
         self.fixed_registered = true;
     }
 }
@@ -703,8 +752,9 @@ impl GuestBuffers {
 // SAFETY: every iovec lies inside a mapping of `self.table` (push_guest translates through it),
 // and the Arc keeps that mapping in place, neither unmapped nor moved, while the value lives. A
 // fixed index is reported only when the submitter has vouched (unsafe
-// `assume_fixed_buffers_registered`) that its rings registered this table's chunks in order, and
-// then only for a single segment that lies inside the chunk of that index.
+// `assume_fixed_chunk_registered`) that its ring holds this table's chunk `c` in slot `c`, and
+// then only for a single segment that lies inside chunk `c` (chunk_of), which is registered from
+// this table's mapping, so from the memory the segment points to.
 unsafe impl IoBuffers for GuestBuffers {
     fn iovecs(&self) -> &[libc::iovec] {
         self.iovs.as_slice()
@@ -958,13 +1008,96 @@ mod tests {
         assert_eq!(b.fixed_buffer_chunk(), Some(1));
         assert_eq!(b.fixed_index(), None);
         // SAFETY: the buffers are never submitted to a ring in this test.
-        unsafe { b.assume_fixed_buffers_registered() };
+        unsafe { b.assume_fixed_chunk_registered() };
         assert_eq!(b.fixed_index(), Some(1));
         b.push_guest(0x1000, 0x10).unwrap();
         assert_eq!(b.fixed_index(), None);
         assert_eq!(b.len(), 0x110);
         assert_eq!(b.segments(), 2);
-        assert_eq!(t.fixed_buffer_iovecs().unwrap().len(), 2);
+        assert_eq!(t.fixed_chunks(), 2);
+    }
+
+    #[test]
+    fn chunks_are_2_mib_until_the_slot_limit_makes_them_larger() {
+        const MIB: u64 = 1 << 20;
+        const GIB: u64 = 1 << 30;
+        let c = Chunks::cut(&[GIB]).unwrap();
+        assert_eq!((c.bytes, c.count), (2 * MIB, 512));
+        // 32 GiB in 2 MiB chunks is exactly the limit; one more byte doubles the chunk.
+        let c = Chunks::cut(&[16 * GIB, 16 * GIB]).unwrap();
+        assert_eq!(
+            (c.bytes, c.count, c.first.as_slice()),
+            (2 * MIB, 16384, &[0, 8192][..])
+        );
+        let c = Chunks::cut(&[16 * GIB, 16 * GIB + 1]).unwrap();
+        assert_eq!((c.bytes, c.count), (4 * MIB, 8193));
+        let c = Chunks::cut(&[3 * MIB, 4096, 5 * MIB]).unwrap();
+        assert_eq!(
+            (c.bytes, c.count, c.first.as_slice()),
+            (2 * MIB, 6, &[0, 2, 3][..])
+        );
+        // 16 TiB in 1 GiB buffers is the most a ring can register.
+        assert_eq!(Chunks::cut(&[16384 * GIB]).unwrap().bytes, GIB);
+        assert!(Chunks::cut(&[16384 * GIB + 1]).is_none());
+        assert!(Chunks::cut(&[u64::MAX, u64::MAX]).is_none(), "no overflow");
+    }
+
+    #[test]
+    fn fixed_chunks_cover_each_region_and_stop_at_its_end() {
+        const MIB: u64 = 1 << 20;
+        let f = memfd(8 * MIB);
+        let t = MemoryTable::new(&[
+            (desc(0, 3 * MIB, 0x7000_0000, 0), f.as_fd()),
+            (desc(0x1000_0000, 4 * MIB, 0x8000_0000, 4 * MIB), f.as_fd()),
+        ])
+        .unwrap();
+        assert_eq!(
+            (t.fixed_chunks(), t.fixed_chunk_bytes()),
+            (4, Some(2 * MIB))
+        );
+        let host = |gpa: u64| t.guest_slice(gpa, 1).unwrap().host_range().start;
+        let expect = [
+            (host(0), 2 * MIB),
+            (host(2 * MIB), MIB),
+            (host(0x1000_0000), 2 * MIB),
+            (host(0x1000_0000 + 2 * MIB), 2 * MIB),
+        ];
+        for (i, (base, len)) in (0u16..).zip(expect) {
+            let iov = t.fixed_chunk(i).unwrap();
+            assert_eq!(
+                (iov.iov_base as usize, iov.iov_len as u64),
+                (base, len),
+                "chunk {i}"
+            );
+        }
+        assert!(t.fixed_chunk(4).is_none());
+    }
+
+    #[test]
+    fn a_segment_reports_its_chunk_only_if_it_lies_inside_one() {
+        const MIB: u64 = 1 << 20;
+        let f = memfd(8 * MIB);
+        let t = Arc::new(
+            MemoryTable::new(&[
+                (desc(0, 3 * MIB, 0x7000_0000, 0), f.as_fd()),
+                (desc(0x1000_0000, 4 * MIB, 0x8000_0000, 4 * MIB), f.as_fd()),
+            ])
+            .unwrap(),
+        );
+        let chunk = |gpa: u64, len: u64| {
+            let mut b = GuestBuffers::new(Arc::clone(&t));
+            b.push_guest(gpa, len).unwrap();
+            b.fixed_buffer_chunk()
+        };
+        assert_eq!(chunk(0, 4096), Some(0));
+        assert_eq!(chunk(2 * MIB - 4096, 4096), Some(0));
+        assert_eq!(
+            chunk(2 * MIB - 4096, 8192),
+            None,
+            "straddles chunks 0 and 1"
+        );
+        assert_eq!(chunk(2 * MIB, MIB), Some(1));
+        assert_eq!(chunk(0x1000_0000 + 2 * MIB + 512, 512), Some(3));
     }
 
     #[test]

@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use crate::blk::{self, Completion, RequestKind, S_IOERR, S_OK, S_UNSUPP, SECTOR_BYTES, Segment};
 use crate::config::RequestLimits;
-use crate::memory::{GuestBuffers, MemoryTable};
+use crate::fixed;
+use crate::memory::MemoryTable;
 use crate::queue::SplitQueue;
 use ringblk_blkgraph::{BackendHandle, BlockError, BlockResult, Request};
 use ringblk_ring::{Context, Group, PollerId, SourceId, buf, eventfd_write};
@@ -58,8 +59,6 @@ struct QueueServer {
     poller: Option<PollerId>,
     in_flight: usize,
     flush_scheduled: bool,
-    /// The table whose fixed buffers this context registered for the queue, if it could.
-    fixed: bool,
 }
 
 type Server = Rc<RefCell<QueueServer>>;
@@ -67,14 +66,11 @@ type Server = Rc<RefCell<QueueServer>>;
 thread_local! {
     /// The queues this context serves, by key.
     static SERVERS: RefCell<HashMap<u64, Server>> = RefCell::new(HashMap::new());
-    /// Id of the memory table whose fixed buffers this context registered (one at a time).
-    static FIXED_TABLE: RefCell<Option<u64>> = const { RefCell::new(None) };
 }
 
 /// Starts serving a queue on the current context under `key`.
 pub(crate) fn start(key: u64, start: QueueStart) {
     let ctx = Context::current();
-    let fixed = register_fixed(&ctx, start.queue.table());
     let server = Rc::new(RefCell::new(QueueServer {
         name: start.name,
         queue: start.queue,
@@ -87,7 +83,6 @@ pub(crate) fn start(key: u64, start: QueueStart) {
         poller: None,
         in_flight: 0,
         flush_scheduled: false,
-        fixed,
     }));
     let fd = server.borrow().kick.as_raw_fd();
     let s = server.clone();
@@ -125,8 +120,7 @@ pub(crate) fn stop(key: u64) -> Option<u16> {
     flush_used(&server);
     let next_avail = server.borrow().queue.next_avail();
     if SERVERS.with(|m| m.borrow().is_empty()) {
-        ctx.unregister_buffers();
-        FIXED_TABLE.with(|f| *f.borrow_mut() = None);
+        fixed::release();
     }
     Some(next_avail)
 }
@@ -136,16 +130,18 @@ pub(crate) fn set_memory(key: u64, table: Arc<MemoryTable>) {
     let Some(server) = SERVERS.with(|m| m.borrow().get(&key).cloned()) else {
         return;
     };
-    let ctx = Context::current();
-    let fixed = register_fixed(&ctx, &table);
-    let mut srv = server.borrow_mut();
-    if let Err(e) = srv.queue.set_memory(table) {
-        eprintln!(
-            "ringblk: {}: queue broken by the new memory table: {e}",
-            srv.name
-        );
+    {
+        let mut srv = server.borrow_mut();
+        if let Err(e) = srv.queue.set_memory(table) {
+            eprintln!(
+                "ringblk: {}: queue broken by the new memory table: {e}",
+                srv.name
+            );
+        }
     }
-    srv.fixed = fixed;
+    // The ring's slots hold chunks of the old table until requests of the new one claim it;
+    // once no queue holds the old table, they need not keep its memory pinned meanwhile.
+    fixed::release_if_dead();
 }
 
 /// Replaces a running queue's call eventfd (SET_VRING_CALL).
@@ -153,32 +149,6 @@ pub(crate) fn set_call(key: u64, call: Option<File>) {
     if let Some(server) = SERVERS.with(|m| m.borrow().get(&key).cloned()) {
         server.borrow_mut().call = call;
     }
-}
-
-fn register_fixed(ctx: &Context, table: &Arc<MemoryTable>) -> bool {
-    FIXED_TABLE.with(|f| {
-        let mut registered = f.borrow_mut();
-        if *registered == Some(table.id()) {
-            return true;
-        }
-        // One table per ring: a second export on the same context uses plain readv/writev.
-        let others = SERVERS.with(|m| m.borrow().values().any(|s| s.borrow().fixed));
-        if others {
-            return false;
-        }
-        let Some(iovecs) = table.fixed_buffer_iovecs() else { return false };
-        match ctx.register_buffers(&iovecs) {
-            Ok(()) => {
-                *registered = Some(table.id());
-                true
-            }
-            Err(e) => {
-                eprintln!("ringblk: cannot register guest memory as fixed buffers, using readv/writev: {e}");
-                *registered = None;
-                false
-            }
-        }
-    })
 }
 
 /// While its context busy-polls, a queue is polled with the guest's kicks suppressed (a kick
@@ -263,28 +233,33 @@ fn process_chains(server: &Server) -> bool {
 
 fn submit(server: &Server, kind: RequestKind, completion: Completion) {
     let handle = server.borrow().handle.clone();
-    let fixed = server.borrow().fixed;
     let s = server.clone();
     let done = move |result: BlockResult| complete(&s, completion, block_status(&result));
     match kind {
-        RequestKind::In { sector, data } => {
-            let buf = Box::new(with_fixed(data, fixed));
+        RequestKind::In { sector, mut data } => {
+            let fixed = fixed::vouch(&mut data);
             handle.submit(
                 Request::Read {
                     offset: sector * SECTOR_BYTES,
-                    buf,
+                    buf: Box::new(data),
                 },
-                Box::new(move |r, _| done(r)),
+                Box::new(move |r, _| {
+                    done(r);
+                    drop(fixed);
+                }),
             );
         }
-        RequestKind::Out { sector, data } => {
-            let buf = Box::new(with_fixed(data, fixed));
+        RequestKind::Out { sector, mut data } => {
+            let fixed = fixed::vouch(&mut data);
             handle.submit(
                 Request::Write {
                     offset: sector * SECTOR_BYTES,
-                    buf,
+                    buf: Box::new(data),
                 },
-                Box::new(move |r, _| done(r)),
+                Box::new(move |r, _| {
+                    done(r);
+                    drop(fixed);
+                }),
             );
         }
         RequestKind::Flush => handle.submit(Request::Flush, Box::new(move |r, _| done(r))),
@@ -349,17 +324,6 @@ fn submit_segments(
             }),
         );
     }
-}
-
-fn with_fixed(mut data: GuestBuffers, fixed: bool) -> GuestBuffers {
-    if fixed {
-        // SAFETY: `fixed` is true only while this context has registered exactly
-        // `data.table()`'s fixed buffers (register_fixed compares table ids; set_memory
-        // re-registers before the queue sees the new table), and the registration is dropped
-        // only in `stop`, after every request of the queue has completed.
-        unsafe { data.assume_fixed_buffers_registered() };
-    }
-    data
 }
 
 fn complete(server: &Server, completion: Completion, status: u8) {
