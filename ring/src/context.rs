@@ -4,7 +4,10 @@
 //! callbacks posted by other threads, and the completions the kernel has posted. If none of those
 //! did anything, the context polls (pollers and the completion queue) for its poll window, which
 //! adapts between zero and `poll_max` like QEMU's adaptive polling,
-//! then sleeps in `io_uring_enter` until a completion arrives. External sources are polled with
+//! then sleeps in `io_uring_enter` until a completion arrives. While it polls with I/O in flight,
+//! it yields the CPU between passes rather than spinning: I/O the kernel cannot do without
+//! blocking (buffered files on tmpfs, for one) runs in an io-wq worker thread that may share the
+//! CPU, and spinning would keep it from running until the scheduler preempts the poller. External sources are polled with
 //! single-shot POLL_ADD ops that are re-armed after each dispatch, which makes them level-triggered.
 
 use std::cell::{Cell, RefCell};
@@ -115,6 +118,10 @@ struct Inner {
     slots: RefCell<Vec<Slot>>,
     free_slots: RefCell<Vec<u32>>,
     ops_in_flight: Cell<usize>,
+    /// Ops submitted through [`Context::submit`] not yet completed (no internal polls).
+    user_in_flight: Cell<usize>,
+    /// Passes of the busy-poll loop that yielded the CPU (see [`Context::poll_yields`]).
+    poll_yields: Cell<u64>,
     unsubmitted: Cell<u32>,
     deferred: RefCell<VecDeque<Box<dyn FnOnce()>>>,
     deferred_spare: RefCell<VecDeque<Box<dyn FnOnce()>>>,
@@ -167,6 +174,8 @@ impl Context {
             slots: RefCell::new(Vec::new()),
             free_slots: RefCell::new(Vec::new()),
             ops_in_flight: Cell::new(0),
+            user_in_flight: Cell::new(0),
+            poll_yields: Cell::new(0),
             unsubmitted: Cell::new(0),
             deferred: RefCell::new(VecDeque::new()),
             deferred_spare: RefCell::new(VecDeque::new()),
@@ -206,6 +215,8 @@ impl Context {
     }
 
     /// Sets how long the loop busy-polls after its last activity before sleeping (0 disables).
+    /// While ops are in flight, the polling loop yields the CPU between passes (see
+    /// [`Context::poll_yields`]).
     pub fn set_poll_max(&self, poll_max: Duration) {
         self.0.poll_max.set(poll_max);
         self.0
@@ -241,6 +252,13 @@ impl Context {
     /// Number of ops (user I/O and internal polls) the kernel holds.
     pub fn ops_in_flight(&self) -> usize {
         self.0.ops_in_flight.get()
+    }
+
+    /// How many passes of the busy-poll loop yielded the CPU instead of spinning, since the
+    /// context was created. The loop yields while ops submitted with [`Context::submit`] are in
+    /// flight: the kernel may be running them in a worker thread on this CPU.
+    pub fn poll_yields(&self) -> u64 {
+        self.0.poll_yields.get()
     }
 
     // ---- fixed buffers ----------------------------------------------------------------------
@@ -510,6 +528,9 @@ impl Context {
             self.0.free_slots.borrow_mut().push(index);
             return Err((io::Error::from_raw_os_error(libc::EBUSY), op, owner));
         }
+        if matches!(owner, Owner::User(_)) {
+            self.0.user_in_flight.set(self.0.user_in_flight.get() + 1);
+        }
         self.0.slots.borrow_mut()[index as usize].inflight = Some((op, owner));
         self.0.ops_in_flight.set(self.0.ops_in_flight.get() + 1);
         self.0.unsubmitted.set(self.0.unsubmitted.get() + 1);
@@ -586,6 +607,7 @@ impl Context {
         self.0.ops_in_flight.set(self.0.ops_in_flight.get() - 1);
         match owner {
             Owner::User(done) => {
+                self.0.user_in_flight.set(self.0.user_in_flight.get() - 1);
                 let result = if result < 0 {
                     Err(io::Error::from_raw_os_error(-result))
                 } else {
@@ -681,7 +703,15 @@ impl Context {
             if start.elapsed() >= window {
                 return false;
             }
-            std::hint::spin_loop();
+            if self.0.user_in_flight.get() > 0 {
+                // An op the kernel punted to an io-wq worker completes only when that worker
+                // runs, possibly on this CPU: let it (and anything else runnable) run now. With
+                // nothing else runnable, the yield returns at once and polling goes on.
+                self.0.poll_yields.set(self.0.poll_yields.get() + 1);
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 

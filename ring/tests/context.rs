@@ -661,3 +661,47 @@ fn poll_window_grows_when_events_come_quickly_and_drops_when_they_come_slowly() 
         );
     });
 }
+
+#[test]
+fn busy_poll_yields_the_cpu_only_while_ops_are_in_flight() {
+    on_context(|ctx| {
+        ctx.set_poll_max(Duration::from_millis(2));
+        ctx.add_poller(Group::new(), || false);
+        // An event well within poll_max opens the poll window (retried: on a loaded machine
+        // a timer can fire late and close it again).
+        for _ in 0..100 {
+            sleep_until_timer(ctx, Duration::from_micros(20));
+            if ctx.poll_window() > Duration::ZERO {
+                break;
+            }
+        }
+        assert!(ctx.poll_window() > Duration::ZERO);
+        let before = ctx.poll_yields();
+        ctx.turn(Wait::No);
+        assert_eq!(
+            ctx.poll_yields(),
+            before,
+            "nothing in flight: the loop spins, it does not yield"
+        );
+        let fired = Rc::new(Cell::new(false));
+        let f = fired.clone();
+        ctx.submit(Op::timeout(Duration::from_secs(10)), move |_, _| {
+            f.set(true)
+        })
+        .map_err(|r| r.error)
+        .unwrap();
+        // A pass normally yields at once; a preemption could use up the window before the
+        // first check, so allow a few turns.
+        for _ in 0..100 {
+            ctx.turn(Wait::No);
+            if ctx.poll_yields() > before {
+                break;
+            }
+        }
+        assert!(
+            ctx.poll_yields() > before,
+            "an op in flight (which a kernel worker on this CPU may be running): it yields"
+        );
+        assert!(!fired.get());
+    });
+}
