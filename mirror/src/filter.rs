@@ -10,9 +10,9 @@
 //! - **write-blocking** mode: the data is copied into bounce buffers at submission (the guest
 //!   may change its buffer while the request is in flight; source and target must get the same
 //!   bytes), written to the source and the target at once, and completed to the device only when
-//!   both are done. Chunks the write covers entirely become clean if no copy or other write
-//!   overlapped it (see [`crate::overlap`]) and both writes succeeded; everything else is left
-//!   dirty for the job. A failed target write leaves the chunks dirty and clears
+//!   both are done. A chunk that was clean stays clean, and chunks the write covers entirely
+//!   become clean, if no copy or other write overlapped it (see [`crate::overlap`]) and both
+//!   writes succeeded; otherwise every chunk it touched is left dirty for the job. A failed target write leaves the chunks dirty and clears
 //!   `actively-synced`; the device sees the source's result only.
 //!
 //! The filter wakes the job (an eventfd source on the main context) when it dirties a chunk
@@ -135,8 +135,9 @@ impl MirrorTop {
     fn active_write(&self, req: Request, done: Done) {
         let (offset, len) = req.range().expect("write-type requests have a range");
         let shared = &self.shared;
+        // The dirty bits stay as they are: a clean chunk stays clean, since both sides get the
+        // same bytes, and the writer's hold on the chunk keeps copies out until it is done.
         let chunks = shared.dirty.touched(offset, len);
-        shared.dirty.set(chunks.clone());
         let mut conflict = false;
         for chunk in chunks.clone() {
             conflict |= shared.locks.writer_enter(chunk);

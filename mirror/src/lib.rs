@@ -17,10 +17,12 @@
 //! - the completion (`switch`): drained final sync, deferred pivot, unmute.
 //!
 //! ## Invariants
-//! 1. **A chunk where the target may differ from the source is dirty, or a copy holds it.**
-//!    Guest writes mark dirty at submission and at completion (before the device sees the
-//!    completion); a copy clears the bits *before* it reads the source; a write-blocking write
-//!    cleans only the chunks it covered with nobody overlapping it.
+//! 1. **A chunk where the target may differ from the source is dirty, or a copy or a
+//!    write-blocking write holds it.** Background guest writes mark dirty at submission and at
+//!    completion (before the device sees the completion); a copy clears the bits *before* it
+//!    reads the source; a write-blocking write holds its chunks while it writes both sides, and
+//!    leaves them dirty if anyone overlapped it or a side failed; otherwise it leaves them as
+//!    they were and cleans the ones it covered.
 //! 2. **The pivot happens inside the drained section that saw the bitmap clean and flushed the
 //!    target**, and the devices above stay muted from `drained_begin` until after `replace`.
 //!    So no guest write can reach the source after the final copy: a kick in that window is

@@ -562,6 +562,81 @@ fn in_write_blocking_mode_a_completed_guest_write_is_already_on_the_target() {
 }
 
 #[test]
+fn write_blocking_writes_into_clean_chunks_leave_nothing_to_copy() {
+    on_context(|ctx| {
+        let mut s = plain(
+            ctx,
+            MirrorOptions {
+                copy_mode: CopyMode::WriteBlocking,
+                // A 4 KiB write covers a quarter of a chunk.
+                granularity: 4 * BLOCK,
+                ..options("j")
+            },
+        );
+        s.mirror.start().unwrap();
+        s.events.wait_ready(ctx);
+        s.events.run_for(ctx, Duration::from_millis(2));
+        let copied = s.mirror.query().offset;
+        for block in [9, 21, 33, 34] {
+            s.device.write(Some(block));
+            s.device.settle(ctx);
+        }
+        s.events.run_for(ctx, Duration::from_millis(5));
+        let info = s.mirror.query();
+        assert_eq!(info.offset, copied, "no chunk was copied again: {info:?}");
+        assert!(info.actively_synced && info.len == info.offset, "{info:?}");
+        s.mirror.complete().unwrap();
+        assert_eq!(s.events.wait_completed(ctx), None);
+        assert!(s.device.lost_writes(ctx).is_empty());
+        assert_target_matches_source(&s, BLOCKS);
+    });
+}
+
+#[test]
+fn a_write_blocking_write_overlapping_a_copy_leaves_its_chunk_dirty_for_another_copy() {
+    on_context(|ctx| {
+        let mut s = setup(
+            ctx,
+            BLOCKS,
+            zero_image(BLOCKS * BLOCK),
+            StallFirstWrite::over,
+            MirrorOptions {
+                copy_mode: CopyMode::WriteBlocking,
+                // One copy in flight: the one whose write to the target is held back.
+                buf_size: BLOCK,
+                ..options("j")
+            },
+        );
+        s.mirror.start().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let block = loop {
+            if let Some(offset) = stalled_write_offset() {
+                break offset / BLOCK;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no copy reached the target"
+            );
+            ctx.turn(ringblk_ring::Wait::For(Duration::from_millis(1)));
+        };
+        // The guest overwrites the chunk that copy read: both sides get the new data, and
+        // then the copy's old data lands on the target.
+        let w = s.device.write(Some(block));
+        s.device.settle(ctx);
+        release_stalled_write();
+        s.events.wait_ready(ctx);
+        s.mirror.complete().unwrap();
+        assert_eq!(s.events.wait_completed(ctx), None);
+        assert_eq!(
+            file_generations(&s.target_file, BLOCKS)[block as usize],
+            Some(w.generation),
+            "the chunk was copied again after the overlapping copy"
+        );
+        assert!(s.device.lost_writes(ctx).is_empty());
+    });
+}
+
+#[test]
 fn copy_mode_changes_from_background_to_write_blocking_only() {
     on_context(|ctx| {
         let mut s = plain(ctx, options("j"));

@@ -563,3 +563,71 @@ impl Driver for Counting {
         self.child.submit(req, done);
     }
 }
+
+thread_local! {
+    /// The write a [`StallFirstWrite`] holds back on this thread.
+    static STALLED: RefCell<Option<(Node, Request, ringblk_blkgraph::Done)>> =
+        const { RefCell::new(None) };
+}
+
+/// A filter that holds back the first data write it is given, before it reaches the child,
+/// until [`release_stalled_write`] runs on the same thread; everything else passes.
+pub struct StallFirstWrite {
+    pub child: Node,
+    armed: AtomicBool,
+}
+
+impl StallFirstWrite {
+    pub fn over(child: Node) -> Node {
+        Node::new(
+            "stall",
+            StallFirstWrite {
+                child,
+                armed: AtomicBool::new(true),
+            },
+        )
+    }
+}
+
+/// The offset of the write held back on this thread, if one is.
+pub fn stalled_write_offset() -> Option<u64> {
+    STALLED.with(|s| {
+        s.borrow()
+            .as_ref()
+            .and_then(|(_, req, _)| req.range())
+            .map(|(offset, _)| offset)
+    })
+}
+
+/// Lets the held write go on to its node.
+pub fn release_stalled_write() {
+    let (child, req, done) = STALLED
+        .with(|s| s.borrow_mut().take())
+        .expect("a write is held");
+    child.submit_drained(req, done);
+}
+
+impl Driver for StallFirstWrite {
+    fn name(&self) -> &'static str {
+        "stall"
+    }
+    fn size(&self) -> u64 {
+        self.child.size()
+    }
+    fn limits(&self) -> Limits {
+        self.child.limits()
+    }
+    fn children(&self) -> Vec<Node> {
+        vec![self.child.clone()]
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent, BlockError> {
+        self.child.block_status(offset, len)
+    }
+    fn submit(&self, req: Request, done: ringblk_blkgraph::Done) {
+        if matches!(req, Request::Write { .. }) && self.armed.swap(false, Ordering::SeqCst) {
+            STALLED.with(|s| *s.borrow_mut() = Some((self.child.clone(), req, done)));
+            return;
+        }
+        self.child.submit_drained(req, done);
+    }
+}
