@@ -705,3 +705,100 @@ fn busy_poll_yields_the_cpu_only_while_ops_are_in_flight() {
         assert!(!fired.get());
     });
 }
+
+/// Writes `fd` from another thread `after` from now (a kick arriving while the loop sleeps).
+fn kick_later(fd: RawFd, after: Duration) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        std::thread::sleep(after);
+        eventfd_write(fd);
+    })
+}
+
+/// Turns until the source has fired once more (and the kicking thread is done).
+fn sleep_until_kick(ctx: &Context, fd: RawFd, hits: &Cell<u32>, after: Duration) {
+    let before = hits.get();
+    let kicker = kick_later(fd, after);
+    while hits.get() == before {
+        ctx.turn(Wait::Forever);
+    }
+    kicker.join().unwrap();
+}
+
+#[test]
+fn slow_completions_do_not_close_the_poll_window_of_quick_kicks() {
+    on_context(|ctx| {
+        ctx.set_poll_max(Duration::from_millis(2));
+        let kick = eventfd();
+        let hits = counting_source(ctx, Group::new(), kick.as_raw_fd());
+        turns(ctx, 2);
+        // Kicks that come soon after the loop went idle open the window (retried: on a loaded
+        // machine the kicking thread may run late).
+        for _ in 0..100 {
+            sleep_until_kick(ctx, kick.as_raw_fd(), &hits, Duration::from_micros(50));
+            if ctx.poll_window() > Duration::ZERO {
+                break;
+            }
+        }
+        let opened = ctx.poll_window();
+        assert!(opened > Duration::ZERO, "quick kicks open the window");
+        // A completion long after submission (a device's latency far beyond poll_max) says
+        // nothing about when the next kick comes.
+        sleep_until_timer(ctx, Duration::from_millis(30));
+        assert_eq!(
+            ctx.poll_window(),
+            opened,
+            "a slow completion leaves the kicks' window as it was"
+        );
+        // A kick that itself comes late closes it.
+        sleep_until_kick(ctx, kick.as_raw_fd(), &hits, Duration::from_millis(30));
+        assert_eq!(
+            ctx.poll_window(),
+            Duration::ZERO,
+            "a kick after poll_max drops the window to zero"
+        );
+    });
+}
+
+#[test]
+fn a_context_that_polls_only_for_pollers_does_not_poll_without_one() {
+    on_context(|ctx| {
+        ctx.set_poll_max(Duration::from_millis(2));
+        ctx.set_poll_needs_poller(true);
+        // An op in flight: a polling loop would yield (and count it) at every pass.
+        ctx.submit(Op::timeout(Duration::from_secs(10)), |_, _| {})
+            .map_err(|r| r.error)
+            .unwrap();
+        for _ in 0..5 {
+            sleep_until_timer(ctx, Duration::from_micros(20));
+            ctx.turn(Wait::No);
+        }
+        assert_eq!(ctx.poll_window(), Duration::ZERO, "no poller: no window");
+        assert_eq!(ctx.poll_yields(), 0, "no poller: no polling");
+        let poller = ctx.add_poller(Group::new(), || false);
+        for _ in 0..100 {
+            sleep_until_timer(ctx, Duration::from_micros(20));
+            if ctx.poll_window() > Duration::ZERO {
+                break;
+            }
+        }
+        assert!(ctx.poll_window() > Duration::ZERO, "a poller: it polls");
+        for _ in 0..100 {
+            ctx.turn(Wait::No);
+            if ctx.poll_yields() > 0 {
+                break;
+            }
+        }
+        assert!(ctx.poll_yields() > 0);
+        ctx.remove_poller(poller);
+        let yields = ctx.poll_yields();
+        for _ in 0..5 {
+            sleep_until_timer(ctx, Duration::from_micros(20));
+            ctx.turn(Wait::No);
+        }
+        assert_eq!(
+            ctx.poll_yields(),
+            yields,
+            "its last poller removed, it stops polling"
+        );
+    });
+}
