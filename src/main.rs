@@ -26,10 +26,6 @@ use crate::cli::{CliItem, Config, Invocation};
 use crate::daemon::Daemon;
 use crate::qmp::{Events, QmpServer};
 
-/// How long the main context busy-polls before sleeping while it serves queues: QSD's default
-/// `poll-max-ns` of an iothread.
-const MAIN_POLL_MAX: std::time::Duration = std::time::Duration::from_nanos(32768);
-
 fn main() -> ExitCode {
     match cli::parse(std::env::args_os()) {
         Ok(Invocation::Print(text)) => {
@@ -63,12 +59,6 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // While the main context serves queues (exports without an iothread) it busy-polls like an
-    // iothread with QSD's default poll-max-ns; with nothing to serve it does not poll at all.
-    // Polling keeps its CPU from going idle between a batch of completions and the guest's next
-    // kick, and yields the CPU to io-wq workers while I/O is in flight.
-    ctx.set_poll_max(MAIN_POLL_MAX);
-    ctx.set_poll_needs_poller(true);
     let daemon = Rc::new(RefCell::new(Daemon::new()));
     let qmp = QmpServer::new(daemon.clone(), Rc::new(Events::default()));
     let started = start(&daemon, &qmp, &config);

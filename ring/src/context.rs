@@ -139,10 +139,6 @@ struct Inner {
     /// The event classes whose completions were dispatched since the loop last went idle
     /// (a bit per [`EventClass`]).
     events_seen: Cell<u8>,
-    /// Busy-poll only while a poller is registered (see [`Context::set_poll_needs_poller`]).
-    poll_needs_poller: Cell<bool>,
-    /// Pollers registered (muted or not).
-    pollers_registered: Cell<usize>,
     shared: Arc<Shared>,
     rx: Receiver<RemoteTask>,
     wake_armed: Cell<bool>,
@@ -197,8 +193,6 @@ impl Context {
             poll_max: Cell::new(Duration::ZERO),
             poll_windows: Default::default(),
             events_seen: Cell::new(0),
-            poll_needs_poller: Cell::new(false),
-            pollers_registered: Cell::new(0),
             shared,
             rx,
             wake_armed: Cell::new(false),
@@ -237,13 +231,6 @@ impl Context {
         for window in &self.0.poll_windows {
             window.set(window.get().min(poll_max));
         }
-    }
-
-    /// Busy-poll only while at least one poller is registered ([`Context::add_poller`]): for a
-    /// context that serves queues only sometimes (the main loop), so that it does not poll for
-    /// its other events (sockets, job I/O) when it serves none.
-    pub fn set_poll_needs_poller(&self, needs_poller: bool) {
-        self.0.poll_needs_poller.set(needs_poller);
     }
 
     /// The current busy-poll window: the largest of the windows adapted per event class (each
@@ -435,19 +422,12 @@ impl Context {
             group,
             poller: Rc::new(RefCell::new(poller)),
         }));
-        self.0
-            .pollers_registered
-            .set(self.0.pollers_registered.get() + 1);
         PollerId(pollers.len() - 1)
     }
 
     /// Unregisters a poller.
     pub fn remove_poller(&self, id: PollerId) {
-        if self.0.pollers.borrow_mut()[id.0].take().is_some() {
-            self.0
-                .pollers_registered
-                .set(self.0.pollers_registered.get() - 1);
-        }
+        self.0.pollers.borrow_mut()[id.0] = None;
     }
 
     fn kick_group(&self, group: Group) {
@@ -735,11 +715,9 @@ impl Context {
         progress | self.reap()
     }
 
-    /// Whether the loop busy-polls at all: a poll maximum is set, and a poller is registered if
-    /// the context polls only for pollers.
+    /// Whether the loop busy-polls at all.
     fn polling(&self) -> bool {
         !self.0.poll_max.get().is_zero()
-            && (!self.0.poll_needs_poller.get() || self.0.pollers_registered.get() > 0)
     }
 
     /// Polls for work for the current window (at least one pass when polling is on).
