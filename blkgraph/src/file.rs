@@ -44,9 +44,6 @@ pub struct FileNode {
     size: u64,
     read_only: bool,
     alignment: u32,
-    /// Opened O_DIRECT: reads and writes are handed to the kernel as soon as they are queued
-    /// (the device starts on them at submission; see `Context::submit_now`).
-    direct: bool,
     /// The last data extent block status found (empty: none).
     data_extent: Mutex<Range<u64>>,
 }
@@ -86,7 +83,6 @@ impl FileNode {
             size,
             read_only: options.read_only,
             alignment,
-            direct: options.direct,
             data_extent: Mutex::new(0..0),
         })
     }
@@ -182,14 +178,8 @@ impl Driver for FileNode {
     fn submit(&self, req: Request, done: Done) {
         let fd = self.file.as_raw_fd();
         match req {
-            Request::Read { offset, buf } => {
-                transfer(fd, Direction::Read, offset, buf, 0, done);
-                self.submit_now_if_direct();
-            }
-            Request::Write { offset, buf } => {
-                transfer(fd, Direction::Write, offset, buf, 0, done);
-                self.submit_now_if_direct();
-            }
+            Request::Read { offset, buf } => transfer(fd, Direction::Read, offset, buf, 0, done),
+            Request::Write { offset, buf } => transfer(fd, Direction::Write, offset, buf, 0, done),
             Request::Flush => submit_op(Op::Fsync { fd, datasync: true }, Request::Flush, done),
             Request::Discard { offset, len } => {
                 self.forget_data_extent();
@@ -230,16 +220,6 @@ impl Driver for FileNode {
 }
 
 impl FileNode {
-    /// With O_DIRECT the kernel starts a read or write at submission, so it is handed over at
-    /// once rather than with the rest of the loop turn's batch: the device works on the first
-    /// requests of a batch while the rest are still being popped and parsed. Buffered I/O that
-    /// the kernel punts to a worker (tmpfs) would pay a worker wake-up per op instead.
-    fn submit_now_if_direct(&self) {
-        if self.direct {
-            Context::current().submit_now();
-        }
-    }
-
     /// A hole may be punched: block status asks the file again.
     fn forget_data_extent(&self) {
         *self.data_extent.lock().unwrap() = 0..0;

@@ -264,14 +264,6 @@ impl Context {
         }
     }
 
-    /// Hands the ops queued so far to the kernel now instead of at the end of the loop turn, so
-    /// that a device can start on them while the turn goes on queueing more. One
-    /// `io_uring_enter` per call: worth it where the kernel starts the I/O at submission
-    /// (O_DIRECT files, block devices), a loss where it punts every op to a worker thread.
-    pub fn submit_now(&self) {
-        self.flush_or_panic();
-    }
-
     /// Number of ops (user I/O and internal polls) the kernel holds.
     pub fn ops_in_flight(&self) -> usize {
         self.0.ops_in_flight.get()

@@ -758,39 +758,3 @@ fn slow_completions_do_not_close_the_poll_window_of_quick_kicks() {
         );
     });
 }
-
-#[test]
-fn submit_now_hands_queued_ops_to_the_kernel_before_the_turn_ends() {
-    on_context(|ctx| {
-        let mut fds = [0; 2];
-        // SAFETY: plain syscall filling a local array; the fds are owned below.
-        let made = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
-        assert_eq!(made, 0);
-        // SAFETY: fresh fds owned by nobody else.
-        let (rx, tx) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let mut reader = std::fs::File::from(rx);
-        let write = |byte: u8| Op::Write {
-            fd: tx.as_raw_fd(),
-            offset: 0,
-            buf: Box::new(OwnedBuf::from_vec(vec![byte])),
-        };
-        let mut got = [0u8; 4];
-        let done = Rc::new(Cell::new(false));
-        let d = done.clone();
-        ctx.submit(write(b'a'), move |_, r| {
-            assert_eq!(r.unwrap(), 1);
-            d.set(true);
-        })
-        .map_err(|r| r.error)
-        .unwrap();
-        assert!(
-            reader.read(&mut got).is_err(),
-            "queued ops wait for the end of the turn"
-        );
-        ctx.submit_now();
-        assert_eq!(reader.read(&mut got).unwrap(), 1, "handed over at once");
-        assert_eq!(got[0], b'a');
-        turns(ctx, 2);
-        assert!(done.get(), "its completion runs as usual");
-    });
-}
