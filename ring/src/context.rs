@@ -8,11 +8,13 @@
 //! each kind of event that ends a sleep (external sources such as a guest's kick, completions of
 //! submitted ops, wake-ups posted by other threads) and the loop polls for the largest: a device
 //! whose completions come long after submission must not close the window that catches the
-//! guest's next kick a few microseconds after its completions were published. While it polls with I/O in flight,
-//! it yields the CPU between passes rather than spinning: I/O the kernel cannot do without
-//! blocking (buffered files on tmpfs, for one) runs in an io-wq worker thread that may share the
-//! CPU, and spinning would keep it from running until the scheduler preempts the poller. External sources are polled with
-//! single-shot POLL_ADD ops that are re-armed after each dispatch, which makes them level-triggered.
+//! guest's next kick a few microseconds after its completions were published.
+//!
+//! While it polls with I/O in flight, it yields the CPU between passes rather than spinning: I/O
+//! the kernel cannot do without blocking (buffered files on tmpfs, for one) runs in an io-wq
+//! worker thread that may share the CPU, and spinning would keep it from running until the
+//! scheduler preempts the poller. External sources are polled with single-shot POLL_ADD ops that
+//! are re-armed after each dispatch, which makes them level-triggered.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
