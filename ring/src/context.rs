@@ -4,11 +4,17 @@
 //! callbacks posted by other threads, and the completions the kernel has posted. If none of those
 //! did anything, the context polls (pollers and the completion queue) for its poll window, which
 //! adapts between zero and `poll_max` like QEMU's adaptive polling,
-//! then sleeps in `io_uring_enter` until a completion arrives. While it polls with I/O in flight,
-//! it yields the CPU between passes rather than spinning: I/O the kernel cannot do without
-//! blocking (buffered files on tmpfs, for one) runs in an io-wq worker thread that may share the
-//! CPU, and spinning would keep it from running until the scheduler preempts the poller. External sources are polled with
-//! single-shot POLL_ADD ops that are re-armed after each dispatch, which makes them level-triggered.
+//! then sleeps in `io_uring_enter` until a completion arrives. The window adapts separately for
+//! each kind of event that ends a sleep (external sources such as a guest's kick, completions of
+//! submitted ops, wake-ups posted by other threads) and the loop polls for the largest: a device
+//! whose completions come long after submission must not close the window that catches the
+//! guest's next kick a few microseconds after its completions were published.
+//!
+//! While it polls with I/O in flight, it yields the CPU between passes rather than spinning: I/O
+//! the kernel cannot do without blocking (buffered files on tmpfs, for one) runs in an io-wq
+//! worker thread that may share the CPU, and spinning would keep it from running until the
+//! scheduler preempts the poller. External sources are polled with single-shot POLL_ADD ops that
+//! are re-armed after each dispatch, which makes them level-triggered.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -129,8 +135,12 @@ struct Inner {
     mutes: RefCell<HashMap<Group, u32>>,
     pollers: RefCell<Vec<Option<PollerSlot>>>,
     poll_max: Cell<Duration>,
-    /// The current busy-poll window, adapted between zero and `poll_max`.
-    poll_window: Cell<Duration>,
+    /// The busy-poll window of each event class (see [`EventClass`]), each adapted between zero
+    /// and `poll_max`; the loop polls for the largest.
+    poll_windows: [Cell<Duration>; EVENT_CLASSES],
+    /// The event classes whose completions were dispatched since the loop last went idle
+    /// (a bit per [`EventClass`]).
+    events_seen: Cell<u8>,
     shared: Arc<Shared>,
     rx: Receiver<RemoteTask>,
     wake_armed: Cell<bool>,
@@ -183,7 +193,8 @@ impl Context {
             mutes: RefCell::new(HashMap::new()),
             pollers: RefCell::new(Vec::new()),
             poll_max: Cell::new(Duration::ZERO),
-            poll_window: Cell::new(Duration::ZERO),
+            poll_windows: Default::default(),
+            events_seen: Cell::new(0),
             shared,
             rx,
             wake_armed: Cell::new(false),
@@ -219,14 +230,20 @@ impl Context {
     /// [`Context::poll_yields`]).
     pub fn set_poll_max(&self, poll_max: Duration) {
         self.0.poll_max.set(poll_max);
-        self.0
-            .poll_window
-            .set(self.0.poll_window.get().min(poll_max));
+        for window in &self.0.poll_windows {
+            window.set(window.get().min(poll_max));
+        }
     }
 
-    /// The current busy-poll window (adapted between zero and the poll maximum).
+    /// The current busy-poll window: the largest of the windows adapted per event class (each
+    /// between zero and the poll maximum).
     pub fn poll_window(&self) -> Duration {
-        self.0.poll_window.get()
+        self.0
+            .poll_windows
+            .iter()
+            .map(Cell::get)
+            .max()
+            .unwrap_or(Duration::ZERO)
     }
 
     /// Runs `f` at a later loop turn of this context, never inline.
@@ -605,6 +622,14 @@ impl Context {
         };
         self.0.free_slots.borrow_mut().push(index32);
         self.0.ops_in_flight.set(self.0.ops_in_flight.get() - 1);
+        let class = match owner {
+            Owner::User(_) => EventClass::Completion,
+            Owner::Source(_) => EventClass::Source,
+            Owner::Wake | Owner::Cancel => EventClass::Wake,
+        };
+        self.0
+            .events_seen
+            .set(self.0.events_seen.get() | 1 << class as u8);
         match owner {
             Owner::User(done) => {
                 self.0.user_in_flight.set(self.0.user_in_flight.get() - 1);
@@ -633,6 +658,8 @@ impl Context {
             self.flush_or_panic();
             return true;
         }
+        // Idle from here: the time until the next event (polled or slept for) adapts the windows.
+        let idle_from = Instant::now();
         if self.busy_poll() {
             self.flush_or_panic();
             return true;
@@ -641,15 +668,16 @@ impl Context {
             self.flush_or_panic();
             return false;
         }
-        if !self.0.poll_max.get().is_zero() && self.each_poller(|p| p.before_sleep()) {
+        let polling = self.polling();
+        if polling && self.each_poller(|p| p.before_sleep()) {
             self.flush_or_panic();
             return true;
         }
-        let slept_from = Instant::now();
+        self.0.events_seen.set(0);
         self.sleep(wait);
         let progress = self.reap();
-        if progress && !self.0.poll_max.get().is_zero() {
-            self.adapt_poll_window(slept_from.elapsed());
+        if progress && polling {
+            self.adapt_poll_windows(idle_from.elapsed(), self.0.events_seen.get());
         }
         self.flush_or_panic();
         progress
@@ -689,12 +717,17 @@ impl Context {
         progress | self.reap()
     }
 
+    /// Whether the loop busy-polls at all.
+    fn polling(&self) -> bool {
+        !self.0.poll_max.get().is_zero()
+    }
+
     /// Polls for work for the current window (at least one pass when polling is on).
     fn busy_poll(&self) -> bool {
-        if self.0.poll_max.get().is_zero() {
+        if !self.polling() {
             return false;
         }
-        let window = self.0.poll_window.get();
+        let window = self.poll_window();
         let start = Instant::now();
         loop {
             if self.run_pollers() || self.completions_ready() || !self.0.rx.is_empty() {
@@ -715,20 +748,26 @@ impl Context {
         }
     }
 
-    /// Adapts the poll window after a sleep of `slept`, as QEMU's adaptive polling does: an
-    /// event that came within `poll_max` would have been caught by polling, so the window grows
-    /// (doubling from 4 us up to `poll_max`); one that came later means polling only burns CPU
-    /// at this rate, so the window drops to zero.
-    fn adapt_poll_window(&self, slept: Duration) {
+    /// Adapts the poll windows after the loop was idle for `idle` (polling, then sleeping) until
+    /// events of the classes in `seen` (a bit per [`EventClass`]) ended the sleep, as QEMU's
+    /// adaptive polling does, but per class: for each class seen, an event that came within
+    /// `poll_max` would have been caught by polling, so its window grows (doubling from 4 us up
+    /// to `poll_max`); one that came later means polling for it only burns CPU at its rate, so
+    /// its window drops to zero. The windows of classes not seen keep their size: a class that
+    /// did not fire says nothing about how soon it will once it is due (a guest's kick comes
+    /// soon after its completions are published, not while the device works on its requests).
+    fn adapt_poll_windows(&self, idle: Duration, seen: u8) {
         let poll_max = self.0.poll_max.get();
-        let window = if slept < poll_max {
-            (self.0.poll_window.get() * 2)
-                .max(POLL_WINDOW_MIN)
-                .min(poll_max)
-        } else {
-            Duration::ZERO
-        };
-        self.0.poll_window.set(window);
+        for (class, window) in self.0.poll_windows.iter().enumerate() {
+            if seen & (1 << class) == 0 {
+                continue;
+            }
+            window.set(if idle < poll_max {
+                (window.get() * 2).max(POLL_WINDOW_MIN).min(poll_max)
+            } else {
+                Duration::ZERO
+            });
+        }
     }
 
     fn completions_ready(&self) -> bool {
@@ -887,6 +926,20 @@ impl Drop for Inner {
         }
     }
 }
+
+/// The kinds of event whose poll windows adapt separately (see [`Context::poll_window`]).
+#[derive(Clone, Copy)]
+enum EventClass {
+    /// An external source fired (a guest's kick, a socket).
+    Source = 0,
+    /// An op submitted with [`Context::submit`] completed.
+    Completion = 1,
+    /// Another thread posted work (or an internal op completed).
+    Wake = 2,
+}
+
+/// How many [`EventClass`]es there are.
+const EVENT_CLASSES: usize = 3;
 
 /// The smallest nonzero busy-poll window.
 const POLL_WINDOW_MIN: Duration = Duration::from_micros(4);

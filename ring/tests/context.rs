@@ -705,3 +705,56 @@ fn busy_poll_yields_the_cpu_only_while_ops_are_in_flight() {
         assert!(!fired.get());
     });
 }
+
+/// Writes `fd` from another thread `after` from now (a kick arriving while the loop sleeps).
+fn kick_later(fd: RawFd, after: Duration) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        std::thread::sleep(after);
+        eventfd_write(fd);
+    })
+}
+
+/// Turns until the source has fired once more (and the kicking thread is done).
+fn sleep_until_kick(ctx: &Context, fd: RawFd, hits: &Cell<u32>, after: Duration) {
+    let before = hits.get();
+    let kicker = kick_later(fd, after);
+    while hits.get() == before {
+        ctx.turn(Wait::Forever);
+    }
+    kicker.join().unwrap();
+}
+
+#[test]
+fn slow_completions_do_not_close_the_poll_window_of_quick_kicks() {
+    on_context(|ctx| {
+        ctx.set_poll_max(Duration::from_millis(2));
+        let kick = eventfd();
+        let hits = counting_source(ctx, Group::new(), kick.as_raw_fd());
+        turns(ctx, 2);
+        // Kicks that come soon after the loop went idle open the window (retried: on a loaded
+        // machine the kicking thread may run late).
+        for _ in 0..100 {
+            sleep_until_kick(ctx, kick.as_raw_fd(), &hits, Duration::from_micros(50));
+            if ctx.poll_window() > Duration::ZERO {
+                break;
+            }
+        }
+        let opened = ctx.poll_window();
+        assert!(opened > Duration::ZERO, "quick kicks open the window");
+        // A completion long after submission (a device's latency far beyond poll_max) says
+        // nothing about when the next kick comes.
+        sleep_until_timer(ctx, Duration::from_millis(30));
+        assert_eq!(
+            ctx.poll_window(),
+            opened,
+            "a slow completion leaves the kicks' window as it was"
+        );
+        // A kick that itself comes late closes it.
+        sleep_until_kick(ctx, kick.as_raw_fd(), &hits, Duration::from_millis(30));
+        assert_eq!(
+            ctx.poll_window(),
+            Duration::ZERO,
+            "a kick after poll_max drops the window to zero"
+        );
+    });
+}
