@@ -8,7 +8,8 @@
 //! each kind of event that ends a sleep (external sources such as a guest's kick, completions of
 //! submitted ops, wake-ups posted by other threads) and the loop polls for the largest: a device
 //! whose completions come long after submission must not close the window that catches the
-//! guest's next kick a few microseconds after its completions were published.
+//! guest's next kick a few microseconds after its completions were published. The completions'
+//! window counts only while ops are in flight.
 //!
 //! While it polls with I/O in flight, it yields the CPU between passes rather than spinning: I/O
 //! the kernel cannot do without blocking (buffered files on tmpfs, for one) runs in an io-wq
@@ -717,6 +718,21 @@ impl Context {
         progress | self.reap()
     }
 
+    /// The window to poll for now: the largest of the classes that can fire. Completions can
+    /// only come while ops are in flight; without any, polling for them would spin after every
+    /// request of a guest whose requests come far apart.
+    fn poll_window_due(&self) -> Duration {
+        let ops_in_flight = self.0.user_in_flight.get() > 0;
+        self.0
+            .poll_windows
+            .iter()
+            .enumerate()
+            .filter(|&(class, _)| ops_in_flight || class != EventClass::Completion as usize)
+            .map(|(_, window)| window.get())
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
     /// Whether the loop busy-polls at all.
     fn polling(&self) -> bool {
         !self.0.poll_max.get().is_zero()
@@ -727,7 +743,7 @@ impl Context {
         if !self.polling() {
             return false;
         }
-        let window = self.poll_window();
+        let window = self.poll_window_due();
         let start = Instant::now();
         loop {
             if self.run_pollers() || self.completions_ready() || !self.0.rx.is_empty() {

@@ -758,3 +758,39 @@ fn slow_completions_do_not_close_the_poll_window_of_quick_kicks() {
         );
     });
 }
+
+/// Counts its polls; never finds work.
+struct CountingPoller(Rc<Cell<u32>>);
+
+impl ringblk_ring::Poller for CountingPoller {
+    fn poll(&mut self) -> bool {
+        self.0.set(self.0.get() + 1);
+        false
+    }
+    fn before_sleep(&mut self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn with_no_op_in_flight_the_completions_window_does_not_keep_the_loop_polling() {
+    on_context(|ctx| {
+        ctx.set_poll_max(Duration::from_millis(2));
+        // Quick completions open the completions' window (retried: a loaded machine may delay).
+        for _ in 0..50 {
+            sleep_until_timer(ctx, Duration::from_micros(20));
+            if ctx.poll_window() >= Duration::from_millis(1) {
+                break;
+            }
+        }
+        assert!(ctx.poll_window() >= Duration::from_millis(1));
+        let polls = Rc::new(Cell::new(0));
+        ctx.add_poller(Group::new(), CountingPoller(polls.clone()));
+        assert!(!ctx.turn(Wait::For(Duration::from_millis(5))));
+        assert!(
+            polls.get() < 10,
+            "nothing can complete: one pass, then sleep (polled {} times)",
+            polls.get()
+        );
+    });
+}
