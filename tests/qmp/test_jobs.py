@@ -25,10 +25,10 @@ import tempfile
 import time
 import unittest
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.events import EventListener
 
-from test_qmp import QSD, RINGBLK, Daemon
+from test_qmp import QSD, RINGBLK, Daemon, connect
 
 BENCH = os.environ.get("BENCH") or os.path.join(os.path.dirname(RINGBLK), "ringblk-bench")
 
@@ -76,16 +76,7 @@ class JobTest:
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.images = tempfile.TemporaryDirectory(prefix="ringblk-jobs-", dir=shm)
         self.qmp = QMPClient("jobs")
-        # The socket file appears at bind(), a moment before the daemon listens on it.
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            try:
-                await asyncio.wait_for(self.qmp.connect(self.daemon.socket_path), WAIT_S)
-                break
-            except ConnectError as e:
-                if not isinstance(e.exc, ConnectionRefusedError) or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.01)
+        await connect(self.qmp, self.daemon.socket_path, WAIT_S)
         self.listener = EventListener()
         self.qmp.register_listener(self.listener)
         self.log = []  # every event taken from the listener, in order

@@ -78,6 +78,20 @@ class Daemon:
         self.dir.cleanup()
 
 
+async def connect(qmp, path, timeout_s):
+    """Connects `qmp` to the daemon's monitor at `path`. The socket file appears at bind(), a
+    moment before the daemon listens on it (QSD): a refused connection is retried."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await asyncio.wait_for(qmp.connect(path), timeout_s)
+            return
+        except ConnectError as e:
+            if not isinstance(e.exc, ConnectionRefusedError) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.01)
+
+
 class RawClient:
     """A QMP client on a plain socket: sends any bytes, reads messages one per line."""
 
@@ -150,16 +164,7 @@ class QmpBehaviour:
     async def asyncSetUp(self):
         self.daemon = Daemon(self.binary)
         self.qmp = QMPClient("test")
-        # The socket file appears at bind(), a moment before the daemon listens on it.
-        deadline = time.monotonic() + TIMEOUT_S
-        while True:
-            try:
-                await asyncio.wait_for(self.qmp.connect(self.daemon.socket_path), TIMEOUT_S)
-                break
-            except ConnectError as e:
-                if not isinstance(e.exc, ConnectionRefusedError) or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.01)
+        await connect(self.qmp, self.daemon.socket_path, TIMEOUT_S)
 
     async def asyncTearDown(self):
         try:
