@@ -4,10 +4,10 @@
 //! A run is claimed in the chunk locks before its dirty bits are cleared and the source is read,
 //! so a guest write that lands after the read re-dirties it (see [`crate::filter`]), and no other
 //! copy or write-blocking write overlaps it. The source's block status trims a run to one
-//! extent: a run the source knows to be zeroes is not read, and neither is one read as all
-//! zeroes written as data; both become a write-zeroes, or nothing at all where the target is
-//! known to read as zeroes already. Bytes in flight stay
-//! below buf-size; the speed limit is charged when a run is issued. Buffers are pooled.
+//! extent. A run the source knows to be zeroes is not read; it, and a run that was read and
+//! turned out all zeroes, become a write-zeroes, or nothing at all where the target is known to
+//! read as zeroes already. Bytes in flight stay below buf-size; the speed limit is charged for
+//! data when a run is issued. Buffers are pooled.
 
 use std::ops::Range;
 use std::rc::Rc;
