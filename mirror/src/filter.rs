@@ -3,10 +3,11 @@
 //! Every guest request reaches the source through this filter, on whatever I/O context the
 //! device runs on. Reads and flushes pass through. Write-type requests (write, write-zeroes,
 //! discard) are tracked:
-//! - **background** mode: the touched chunks are marked dirty when the write is submitted *and*
-//!   again when it completes, before the device sees the completion. The second mark is the one
-//!   that matters: a copy that read the chunk while the write was in flight may have read old
-//!   data, and the mark after completion makes the job copy the chunk again.
+//! - **background** mode: the touched chunks are marked dirty when the write completes, before
+//!   the device sees the completion (as QEMU does). A copy that read the chunk while the write was
+//!   in flight may have read old data, and that mark makes the job copy the chunk again. Marking
+//!   at submission as well only made an idle job copy the chunk at once, while the write was
+//!   still in flight, and then once more after it: a QD1 writer made the copy 30-50% longer.
 //! - **write-blocking** mode: the data is copied into bounce buffers at submission (the guest
 //!   may change its buffer while the request is in flight; source and target must get the same
 //!   bytes), written to the source and the target at once, and completed to the device only when
@@ -120,7 +121,6 @@ impl MirrorTop {
     }
 
     fn background_write(&self, req: Request, done: Done, chunks: Range<u64>) {
-        self.shared.mark_dirty(chunks.clone());
         let shared = self.shared.clone();
         self.source.submit_drained(
             req,

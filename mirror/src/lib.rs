@@ -18,9 +18,9 @@
 //!
 //! ## Invariants
 //! 1. **A chunk where the target may differ from the source is dirty, or a copy or a
-//!    write-blocking write holds it.** Background guest writes mark dirty at submission and at
-//!    completion (before the device sees the completion); a copy clears the bits *before* it
-//!    reads the source; a write-blocking write holds its chunks while it writes both sides, and
+//!    write-blocking write holds it, or a background write to it is in flight.** Background
+//!    guest writes mark dirty at completion (before the device sees the completion), and drains
+//!    wait for them; a copy clears the bits *before* it reads the source; a write-blocking write holds its chunks while it writes both sides, and
 //!    leaves them dirty if anyone overlapped it or a side failed; otherwise it leaves them as
 //!    they were and cleans the ones it covered.
 //! 2. **The pivot happens inside the drained section that saw the bitmap clean and flushed the
