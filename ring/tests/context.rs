@@ -271,7 +271,7 @@ fn write_then_read_round_trips_through_a_file() {
     on_context(|ctx| {
         let f = image(8192);
         let fd = f.as_file().as_raw_fd();
-        let data = OwnedBuf::from_vec(b"ringblk!".repeat(512));
+        let data = OwnedBuf::from_slice(&b"ringblk!".repeat(512));
         let (_, res) = run_op(
             ctx,
             Op::Write {

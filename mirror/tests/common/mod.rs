@@ -340,7 +340,7 @@ impl Device {
             } else {
                 Request::Write {
                     offset: w.block * BLOCK,
-                    buf: Box::new(OwnedBuf::from_vec(stamp(w.block, w.generation))),
+                    buf: Box::new(OwnedBuf::from_slice(&stamp(w.block, w.generation))),
                 }
             };
             root.submit(req, Box::new(move |result, _| me.on_complete(w, result)));
