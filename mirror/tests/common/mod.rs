@@ -327,8 +327,8 @@ impl Device {
             let Some(w) = self.state.queue.lock().unwrap().pop_front() else {
                 break;
             };
-            // What `BackendHandle::submit` does, with the root it used recorded; the request
-            // counts as dispatched once it is submitted.
+            // Submitted through the handle, with the root of the moment recorded; the request
+            // counts as dispatched once it is submitted (a drained root parks it at the handle).
             let root = self.handle.root();
             let me = self.clone();
             let req = if w.zero {
@@ -343,7 +343,8 @@ impl Device {
                     buf: Box::new(OwnedBuf::from_slice(&stamp(w.block, w.generation))),
                 }
             };
-            root.submit(req, Box::new(move |result, _| me.on_complete(w, result)));
+            self.handle
+                .submit(req, Box::new(move |result, _| me.on_complete(w, result)));
             let name = root.name().to_owned();
             self.state.roots.lock().unwrap().push((w.block, name));
             self.state.dispatched.fetch_add(1, Ordering::SeqCst);
