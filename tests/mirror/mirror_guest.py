@@ -3,6 +3,7 @@
 
     python3 tests/mirror/mirror_guest.py --daemon PATH [--runs N] [--json OUT]
         [--image-dir DIR] [--direct] [--copy-mode background|write-blocking] [--target-enospc]
+        [--fill-mib N]
 
 PATH is target/release/ringblk or qemu-storage-daemon: the same QMP script drives either, so its
 numbers compare the two. Each run: the daemon exports a raw image in --image-dir (default
@@ -10,7 +11,9 @@ numbers compare the two. Each run: the daemon exports a raw image in --image-dir
 cache.direct=on with --direct (libvirt's cache=none); a guest boots (tests/guest) and runs fio
 writing random 4k blocks with crc32c verify; one second into the writes, blockdev-add (same cache
 mode) + blockdev-mirror (sync=full, --copy-mode) start the copy to a second image, and at
-BLOCK_JOB_READY job-complete pivots while the guest keeps writing. The run passes when the job
+BLOCK_JOB_READY job-complete pivots while the guest keeps writing. --fill-mib N writes N MiB of
+random data at the start of the source first (beyond what the guest writes), so the copy has
+data to move (the source is otherwise sparse, and holes are not copied). The run passes when the job
 completed without error, the export's node is the target afterwards, and fio's verify of every
 block the guest wrote (read back through the device, i.e. from the target) passed in the guest.
 
@@ -99,6 +102,9 @@ async def one_run(daemon: str, tmp: Path, args: argparse.Namespace, target_dir: 
     for image in (src, dst):
         with open(image, "wb") as f:
             f.truncate(IMAGE_BYTES)
+    with open(src, "r+b") as f:
+        for _ in range(args.fill_mib):
+            f.write(os.urandom(1 << 20))
     sock, qmp_sock, job = tmp / "vblk.sock", tmp / "qmp.sock", tmp / "job.fio"
     job.write_text(JOB)
     proc = start_daemon(daemon, src, sock, qmp_sock, "1", args.direct)
@@ -171,6 +177,7 @@ def main() -> int:
     ap.add_argument("--direct", action="store_true", help="open both images with cache.direct=on")
     ap.add_argument("--copy-mode", default="background", choices=["background", "write-blocking"])
     ap.add_argument("--target-enospc", action="store_true", help="target on a 32 MiB tmpfs: the job must fail, the guest must not")
+    ap.add_argument("--fill-mib", type=int, default=0, help="MiB of random data written at the start of the source first")
     args = ap.parse_args()
     try:
         import qemu.qmp  # noqa: F401

@@ -521,6 +521,75 @@ class JobBehaviour(JobTest):
         code, output = await self.run_bench("[r]\nrw=randread\nbs=4k\niodepth=8\nsize=8m\n")
         self.assertEqual(code, 0, "a new frontend is served after the kill and the pivot:\n" + output)
 
+    async def slow_null_pair(self, latency_ms):
+        """Null source (exported as `e`) and target nodes whose every request takes latency_ms:
+        a drain waits that long for the guest's requests in flight."""
+        for node in ("src", "tgt"):
+            self.assertEqual(await self.execute("blockdev-add", {
+                "driver": "null-co", "node-name": node, "size": SIZE,
+                "latency-ns": latency_ms * 1_000_000}), {})
+        await self.execute("block-export-add", {
+            "type": "vhost-user-blk", "id": "e", "node-name": "src", "writable": True,
+            "addr": {"type": "unix", "path": self.daemon.path("vhost.sock")}})
+
+    async def start_writer(self):
+        job_file = self.daemon.path("writer.fio")
+        with open(job_file, "w") as f:
+            f.write("[w]\nrw=randwrite\nbs=4k\niodepth=16\nsize=64M\nruntime=30\ntime_based=1\n")
+        writer = await asyncio.create_subprocess_exec(
+            BENCH, "run", "--no-progress", "--socket", self.daemon.path("vhost.sock"), job_file,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await asyncio.sleep(0.5)  # connected, 16 requests in flight
+        return writer
+
+    async def assertAnswersWithin(self, seconds):
+        started = time.monotonic()
+        await asyncio.wait_for(self.qmp.execute("query-block-jobs"), seconds)
+        self.assertLess(time.monotonic() - started, seconds)
+
+    async def assertNewFrontendServed(self):
+        code, output = await self.run_bench("[r]\nrw=randread\nbs=4k\niodepth=4\nsize=1m\n")
+        self.assertEqual(code, 0, "a new frontend is served:\n" + output)
+
+    async def test_frontend_gone_while_blockdev_mirror_drains_leaves_qmp_answering(self):
+        # blockdev-mirror drains the source while the writer's slow requests are in flight; the
+        # writer dies meanwhile, so its disconnect arrives during that drain.
+        if not os.path.exists(BENCH):
+            self.skipTest(f"ringblk-bench not found at {BENCH} (cargo build -p ringblk-bench)")
+        await self.slow_null_pair(300)
+        writer = await self.start_writer()
+        mirror = asyncio.ensure_future(self.mirror(speed=1 << 20))
+        await asyncio.sleep(0.05)
+        writer.kill()
+        await writer.wait()
+        await asyncio.wait_for(mirror, 5)
+        await self.assertAnswersWithin(1)
+        await self.assertNewFrontendServed()
+        self.assertEqual(await self.execute("block-job-cancel", {"device": "j", "force": True}), {})
+        await self.next_event("BLOCK_JOB_CANCELLED")
+        await self.assertAnswersWithin(1)
+
+    async def test_frontend_gone_during_the_final_sync_leaves_qmp_answering(self):
+        # The final sync's copies of a slow target hold the drained section for a while; the
+        # frontend disconnects then, and reconnects.
+        if not os.path.exists(BENCH):
+            self.skipTest(f"ringblk-bench not found at {BENCH} (cargo build -p ringblk-bench)")
+        await self.slow_null_pair(300)
+        await self.mirror()
+        await self.next_event("BLOCK_JOB_READY")
+        writer = await self.start_writer()
+        complete = asyncio.ensure_future(self.execute("job-complete", {"id": "j"}))
+        await asyncio.sleep(0.05)
+        writer.kill()
+        await writer.wait()
+        await asyncio.wait_for(complete, 5)
+        await self.assertAnswersWithin(1)
+        completed = await self.next_event("BLOCK_JOB_COMPLETED")
+        self.assertEqual(completed.pop("error", None), None)
+        self.assertEqual(await self.export_node(), "tgt")
+        await self.assertAnswersWithin(1)
+        await self.assertNewFrontendServed()
+
     async def test_target_file_unlinked_mid_mirror_still_completes(self):
         if not os.path.exists(BENCH):
             self.skipTest(f"ringblk-bench not found at {BENCH} (cargo build -p ringblk-bench)")
