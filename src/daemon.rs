@@ -44,11 +44,83 @@ fn generic(message: impl Into<String>) -> DaemonError {
     DaemonError::Generic(message.into())
 }
 
+impl NamedNode {
+    /// What QEMU calls the node's filename: the image's path, or for a node without one the
+    /// `json:` pseudo-protocol form of its options.
+    fn filename(&self) -> String {
+        match &self.options.driver {
+            BlockdevDriver::File(file) => file.filename.display().to_string(),
+            BlockdevDriver::NullCo(null) => {
+                // The options QEMU keeps, in QSD's member order.
+                let zeroes = if null.read_zeroes {
+                    "\"read-zeroes\": true, "
+                } else {
+                    ""
+                };
+                format!(
+                    "json:{{{zeroes}\"driver\": \"null-co\", \"size\": {}}}",
+                    null.size
+                )
+            }
+        }
+    }
+
+    /// Bytes the image occupies on its file system (QEMU's `actual-size`).
+    fn actual_size(&self) -> u64 {
+        match &self.options.driver {
+            BlockdevDriver::File(file) => std::fs::metadata(&file.filename)
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0),
+            BlockdevDriver::NullCo(_) => 0,
+        }
+    }
+
+    /// One `BlockDeviceInfo` of `query-named-block-nodes`.
+    fn info(&self) -> Value {
+        let node = &self.node;
+        let filename = self.filename();
+        let mut image = json!({
+            "filename": filename,
+            "format": node.driver_name(),
+            "virtual-size": node.size(),
+            "actual-size": self.actual_size(),
+        });
+        if let BlockdevDriver::File(_) = self.options.driver {
+            image["dirty-flag"] = json!(false);
+            image["format-specific"] = json!({ "type": "file", "data": {} });
+        }
+        json!({
+            "node-name": node.name(),
+            "drv": node.driver_name(),
+            "ro": node.read_only(),
+            "active": true,
+            "backing_file_depth": 0,
+            "file": filename,
+            "image": image,
+            "encrypted": false,
+            "detect_zeroes": "off",
+            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+            "write_threshold": 0,
+            "cache": {
+                "writeback": true,
+                "direct": self.options.cache.direct,
+                "no-flush": self.options.cache.no_flush,
+            },
+        })
+    }
+}
+
 /// The side of a mirror job a node is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobRole {
     Source,
     Target,
+}
+
+/// A node added with `--blockdev` / `blockdev-add`, with the options it was opened with.
+struct NamedNode {
+    node: Node,
+    options: BlockdevOptions,
 }
 
 struct ExportEntry {
@@ -60,7 +132,7 @@ struct ExportEntry {
 /// Everything the daemon serves. Lives on the main context.
 pub struct Daemon {
     jobs: BTreeMap<String, Mirror>,
-    nodes: BTreeMap<String, Node>,
+    nodes: BTreeMap<String, NamedNode>,
     iothreads: BTreeMap<String, IoThread>,
     exports: BTreeMap<String, ExportEntry>,
 }
@@ -78,7 +150,7 @@ impl Daemon {
 
     /// The node named `name`.
     pub fn node(&self, name: &str) -> Result<&Node, DaemonError> {
-        self.nodes.get(name).ok_or_else(|| {
+        self.nodes.get(name).map(|n| &n.node).ok_or_else(|| {
             DaemonError::DeviceNotFound(format!(
                 "Cannot find device='{name}' nor node-name='{name}'"
             ))
@@ -149,7 +221,8 @@ impl Daemon {
                 Node::new(name.clone(), NullCo::new(null))
             }
         };
-        self.nodes.insert(name.clone(), node);
+        let options = options.clone();
+        self.nodes.insert(name.clone(), NamedNode { node, options });
         Ok(())
     }
 
@@ -158,6 +231,7 @@ impl Daemon {
         let node = self
             .nodes
             .get(name)
+            .map(|n| &n.node)
             .ok_or_else(|| generic(format!("Failed to find node with node-name='{name}'")))?;
         match self.job_role(node) {
             Some(JobRole::Source) => {
@@ -280,27 +354,9 @@ impl Daemon {
         self.exports.keys().cloned().collect()
     }
 
-    /// `query-named-block-nodes`, in QSD's shape for the fields ringblk has.
+    /// `query-named-block-nodes`, in QSD's shape.
     pub fn query_named_block_nodes(&self) -> Value {
-        let nodes: Vec<Value> = self
-            .nodes
-            .values()
-            .map(|n| {
-                json!({
-                    "node-name": n.name(),
-                    "drv": n.driver_name(),
-                    "ro": n.read_only(),
-                    "file": n.name(),
-                    "image": { "filename": n.name(), "format": n.driver_name(), "virtual-size": n.size() },
-                    "encrypted": false,
-                    "detect_zeroes": "off",
-                    "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
-                    "write_threshold": 0,
-                    "cache": { "writeback": true, "direct": false, "no-flush": false },
-                })
-            })
-            .collect();
-        Value::Array(nodes)
+        Value::Array(self.nodes.values().map(NamedNode::info).collect())
     }
 
     /// The node export `id` serves now (it changes at a mirror's pivot).
@@ -342,7 +398,7 @@ impl Daemon {
         for id in ids {
             let _ = self.del_export(&id);
         }
-        for node in self.nodes.values() {
+        for node in self.nodes.values().map(|n| &n.node) {
             let done = std::rc::Rc::new(std::cell::Cell::new(false));
             let d = done.clone();
             node.submit(Request::Flush, Box::new(move |_, _| d.set(true)));

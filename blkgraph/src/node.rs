@@ -6,7 +6,9 @@
 //! *second*, while `drained_begin` raises the quiesce counter first and waits for zero second
 //! (both sequentially consistent), so a drain can never miss a request that got past the gate.
 //! A request stopped at the gate is parked on its own context and resubmitted there when the
-//! last drained section of the node ends: delayed, never failed, never lost.
+//! last drained section of the node ends: delayed, never failed, never lost. It resumes where
+//! its submitter would send it *then*: a device's request through its backend handle, whose
+//! root a pivot may have changed meanwhile (design invariant 7), anything else at the node.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -101,9 +103,26 @@ pub(crate) struct NodeInner {
 #[derive(Clone)]
 pub struct Node(pub(crate) Arc<NodeInner>);
 
+/// Where a parked request goes when it resumes.
+pub(crate) enum Resume {
+    /// The node it was submitted to.
+    Node,
+    /// Whatever the handle's root is when it resumes.
+    Handle(BackendHandle),
+}
+
+/// A request waiting at a node's gate.
+struct Parked {
+    /// The node whose gate it waits at (its release lets the request go).
+    at: Node,
+    resume: Resume,
+    req: Request,
+    done: Done,
+}
+
 thread_local! {
-    /// Requests parked at a gate on this context, with the node they were for.
-    static PARKED: RefCell<Vec<(Node, Request, Done)>> = const { RefCell::new(Vec::new()) };
+    /// Requests parked at a gate on this context.
+    static PARKED: RefCell<Vec<Parked>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Node {
@@ -225,10 +244,20 @@ impl Node {
     /// Submits a request on the current context. While the node is drained the request waits at
     /// the gate and runs after the last `drained_end`.
     pub fn submit(&self, req: Request, done: Done) {
+        self.enter(req, done, Resume::Node);
+    }
+
+    /// Submits through the gate; a parked request resumes as `resume` says.
+    pub(crate) fn enter(&self, req: Request, done: Done, resume: Resume) {
         self.0.in_flight.inc();
         if self.quiesce_counter() > 0 {
             self.0.in_flight.dec();
-            self.park(req, done);
+            self.park(Parked {
+                at: self.clone(),
+                resume,
+                req,
+                done,
+            });
             return;
         }
         self.perform(req, done);
@@ -275,9 +304,9 @@ impl Node {
         Ok(())
     }
 
-    fn park(&self, req: Request, done: Done) {
+    fn park(&self, parked: Parked) {
         let ctx = Context::current();
-        PARKED.with(|p| p.borrow_mut().push((self.clone(), req, done)));
+        PARKED.with(|p| p.borrow_mut().push(parked));
         let mut parked_on = self.0.parked_on.lock().unwrap();
         if !parked_on.iter().any(|r| r.id() == ctx.id()) {
             parked_on.push(ctx.remote());
@@ -301,14 +330,23 @@ impl Node {
     }
 
     fn resubmit_parked_here(&self) {
-        let mine: Vec<(Node, Request, Done)> = PARKED.with(|p| {
+        let mine: Vec<Parked> = PARKED.with(|p| {
             let mut all = p.borrow_mut();
-            let (mine, others) = all.drain(..).partition(|(n, _, _)| n.same(self));
+            let (mine, others) = all.drain(..).partition(|p| p.at.same(self));
             *all = others;
             mine
         });
-        for (node, req, done) in mine {
-            node.submit(req, done);
+        for Parked {
+            at,
+            resume,
+            req,
+            done,
+        } in mine
+        {
+            match resume {
+                Resume::Node => at.submit(req, done),
+                Resume::Handle(handle) => handle.submit(req, done),
+            }
         }
     }
 

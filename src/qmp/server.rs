@@ -301,9 +301,10 @@ impl Client {
         output.queued.extend_from_slice(bytes);
         if !output.writing {
             output.writing = true;
-            let queued = std::mem::take(&mut output.queued);
+            let queued = OwnedBuf::from_slice(&output.queued);
+            output.queued.clear();
             drop(output);
-            self.write(Box::new(OwnedBuf::from_vec(queued)));
+            self.write(Box::new(queued));
         }
     }
 
@@ -338,9 +339,10 @@ impl Client {
                 if output.queued.is_empty() {
                     output.writing = false;
                 } else {
-                    let queued = std::mem::take(&mut output.queued);
+                    let queued = OwnedBuf::from_slice(&output.queued);
+                    output.queued.clear();
                     drop(output);
-                    self.write(Box::new(OwnedBuf::from_vec(queued)));
+                    self.write(Box::new(queued));
                 }
             }
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {

@@ -107,6 +107,26 @@ class JobTest:
                 f.write(data)
         return path
 
+    def fallocated(self, name):
+        """A SIZE-byte image whose blocks are allocated but unwritten: reads as zeroes, and
+        block status says so (SEEK_DATA finds no data)."""
+        path = os.path.join(self.images.name, name)
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, SIZE)
+        finally:
+            os.close(fd)
+        return path
+
+    async def ready_time_s(self, **target_options):
+        """Mirrors a fallocated source to a sparse target at 1 MiB/s; seconds until READY."""
+        await self.add_file("src", self.fallocated("src.img"))
+        await self.add_file("tgt", self.image("tgt.img"), **target_options)
+        start = time.monotonic()
+        await self.mirror(speed=MiB)
+        self.assertEqual(await self.next_event("BLOCK_JOB_READY"), self.progress(speed=MiB))
+        return time.monotonic() - start
+
     async def add_file(self, node, path, **options):
         args = {"driver": "file", "node-name": node, "filename": path, **options}
         self.assertEqual(await self.execute("blockdev-add", args), {})
@@ -210,6 +230,13 @@ class JobBehaviour(JobTest):
         self.assertEqual(await self.execute("query-jobs"), [])
         self.assertTrue(read(target_path) == read(source_path) == pattern(),
                         "the target holds the source's bytes")
+
+    async def test_speed_does_not_charge_zeroes_written_to_an_unmap_target(self):
+        # Copying 64 MiB of data at 1 MiB/s would take 64 s; the source reads as zeroes, and
+        # zeroes written to a target with discard=unmap are not counted (QEMU's rate limit
+        # counts only copied data; it counts zero writes when it cannot unmap them, see
+        # RingblkOnly).
+        self.assertLess(await self.ready_time_s(discard="unmap"), 5)
 
     async def test_cancel_before_ready_is_cancelled_and_leaves_the_export_on_the_source(self):
         await self.setup_pair()
@@ -358,6 +385,10 @@ class JobBehaviour(JobTest):
         self.assertEqual(await self.quiet(), [])
         self.assertEqual(self.statuses(), ["created", "running", "ready", "waiting", "pending"])
         self.assertEqual([j["status"] for j in await self.execute("query-jobs")], ["pending"])
+        info = await self.block_job()
+        self.assertEqual((info["status"], info["paused"], info["busy"], info["ready"]),
+                         ("pending", True, False, False),
+                         "a job waiting for its finalize is paused by its own drain")
         self.assertNotEqual(await self.export_node(), "tgt", "no pivot before finalize")
         await self.assertError("GenericError",
                                "Job 'j' in state 'pending' cannot accept command verb 'complete'",
@@ -645,6 +676,14 @@ class RingblkOnly(JobTest, unittest.IsolatedAsyncioTestCase):
                     "GenericError", f"sync={sync} is not supported by ringblk (only full)",
                     "blockdev-mirror", {"device": "src", "target": "tgt", "sync": sync})
         self.assertEqual(await self.execute("query-block-jobs"), [])
+
+    async def test_speed_never_charges_zero_writes(self):
+        # QSD counts zero writes against the speed limit unless the target was opened with
+        # discard=unmap (mirror.c: io_bytes_acct = 0 only when write_zeroes_ok), so there this
+        # mirror of a fallocated 64 MiB source at 1 MiB/s is READY after 64 s. ringblk charges
+        # only data read from the source and written to the target, whatever the target's
+        # discard option: a limit meant to spare the storage is not spent on zeroes.
+        self.assertLess(await self.ready_time_s(), 5)
 
     async def test_a_size_mismatch_is_refused_at_once(self):
         # QSD accepts the command and the job then fails at its start (BLOCK_JOB_COMPLETED with

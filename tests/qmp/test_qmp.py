@@ -305,6 +305,90 @@ class QmpBehaviour:
             with self.subTest(command=command, arguments=arguments):
                 await self.assertError("GenericError", desc, command, arguments)
 
+    async def test_argument_errors_come_before_lookups(self):
+        # QSD checks the arguments against the schema before the command runs, so a wrong
+        # argument is reported even when the job or node it names does not exist.
+        cases = [
+            ("block-job-set-speed", {"device": "m0", "speed": "fast"},
+             "Invalid parameter type for 'speed', expected: integer"),
+            ("block-job-set-speed", {"device": "m0"}, "Parameter 'speed' is missing"),
+            ("block-job-cancel", {"device": "m0", "force": "yes"},
+             "Invalid parameter type for 'force', expected: boolean"),
+            ("block-job-resume", {"device": 1},
+             "Invalid parameter type for 'device', expected: string"),
+            ("block-job-change", {"id": "m0", "type": "mirror", "copy-mode": "fast"},
+             "Parameter 'copy-mode' does not accept value 'fast'"),
+            ("block-job-change", {"id": "m0", "type": "mirror"}, "Parameter 'copy-mode' is missing"),
+            ("job-cancel", {"id": 2}, "Invalid parameter type for 'id', expected: string"),
+            ("blockdev-mirror", {"device": "a", "target": "b", "sync": "full", "speed": "x"},
+             "Invalid parameter type for 'speed', expected: integer"),
+            ("blockdev-mirror", {"device": "a", "target": "b", "sync": "fast"},
+             "Parameter 'sync' does not accept value 'fast'"),
+            ("block-export-add", {"type": "vhost-user-blk", "id": "e", "node-name": "a",
+                                  "writable": "x", "addr": {"type": "unix", "path": "/x.sock"}},
+             "Invalid parameter type for 'writable', expected: boolean"),
+            ("blockdev-add", {"driver": "file", "node-name": "n", "filename": "/nonexistent",
+                              "read-only": "x"},
+             "Invalid parameter type for 'read-only', expected: boolean"),
+            ("object-add", {"qom-type": "iothread", "id": "io0", "poll-max-ns": "x"},
+             "Invalid parameter type for 'poll-max-ns', expected: integer"),
+            ("block-export-del", {"id": "e", "mode": 1},
+             "Invalid parameter type for 'mode', expected: string"),
+            ("query-named-block-nodes", {"flat": 1},
+             "Invalid parameter type for 'flat', expected: boolean"),
+        ] + [(command, {member: "m0", "x": 1}, "Parameter 'x' is unexpected")
+             for command, member in [
+                 ("block-job-pause", "device"), ("block-job-complete", "device"),
+                 ("block-job-finalize", "id"), ("block-job-dismiss", "id"),
+                 ("job-pause", "id"), ("job-resume", "id"), ("job-complete", "id"),
+                 ("job-finalize", "id"), ("job-dismiss", "id"), ("block-export-del", "id")]
+        ] + [(command, {"x": 1}, "Parameter 'x' is unexpected")
+             for command in ["query-block-jobs", "query-jobs", "query-block-exports",
+                             "query-commands", "quit"]]
+        for command, arguments, desc in cases:
+            with self.subTest(command=command, arguments=arguments):
+                await self.assertError("GenericError", desc, command, arguments)
+
+    async def test_query_named_block_nodes_describes_each_node_as_qsd_does(self):
+        image = self.daemon.path("disk.img")
+        with open(image, "wb") as f:
+            f.write(b"x" * 8192)
+            f.truncate(1 << 20)
+        await self.execute("blockdev-add", {"driver": "file", "node-name": "disk",
+                                            "filename": image, "cache": {"direct": True}})
+        await self.execute("blockdev-add", {"driver": "file", "node-name": "ro",
+                                            "filename": image, "read-only": True})
+        await self.execute("blockdev-add", {"driver": "null-co", "node-name": "null0",
+                                            "size": 8192, "read-zeroes": True})
+        await self.add_null("null1", 4096)
+        nodes = {n["node-name"]: n for n in await self.execute("query-named-block-nodes")}
+        common = {"active": True, "backing_file_depth": 0, "encrypted": False,
+                  "detect_zeroes": "off", "write_threshold": 0, "bps": 0, "bps_rd": 0,
+                  "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0}
+
+        def file_node(name, ro, direct):
+            return {**common, "node-name": name, "drv": "file", "ro": ro, "file": image,
+                    "cache": {"writeback": True, "direct": direct, "no-flush": False},
+                    "image": {"filename": image, "format": "file", "virtual-size": 1 << 20,
+                              "actual-size": os.stat(image).st_blocks * 512,
+                              "dirty-flag": False,
+                              "format-specific": {"type": "file", "data": {}}}}
+
+        def null_node(name, size, filename):
+            return {**common, "node-name": name, "drv": "null-co", "ro": False,
+                    "file": filename,
+                    "cache": {"writeback": True, "direct": False, "no-flush": False},
+                    "image": {"filename": filename, "format": "null-co", "virtual-size": size,
+                              "actual-size": 0}}
+
+        self.assertEqual(nodes, {
+            "disk": file_node("disk", False, True),
+            "ro": file_node("ro", True, False),
+            "null0": null_node("null0", 8192,
+                               'json:{"read-zeroes": true, "driver": "null-co", "size": 8192}'),
+            "null1": null_node("null1", 4096, 'json:{"driver": "null-co", "size": 4096}'),
+        })
+
     async def test_quit_replies_and_exits_0(self):
         self.assertEqual(await self.execute("quit"), {})
         self.assertEqual(await asyncio.to_thread(self.daemon.wait), 0)

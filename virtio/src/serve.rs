@@ -95,8 +95,9 @@ pub(crate) fn start(key: u64, start: QueueStart) {
         continuation_scheduled: false,
     }));
     let fd = server.borrow().kick.as_raw_fd();
+    let group = start.group;
     let s = server.clone();
-    let source = ctx.add_source(start.group, fd, move || {
+    let source = ctx.add_source(group, fd, move || {
         process(&s);
     });
     let poller = ctx.add_poller(start.group, QueuePoller(server.clone()));
@@ -107,8 +108,13 @@ pub(crate) fn start(key: u64, start: QueueStart) {
     }
     SERVERS.with(|m| m.borrow_mut().insert(key, server.clone()));
     // Chains made available before the kick fd was ours would otherwise wait for the next kick.
+    // Not while the device is muted (a drained section, a mirror's final sync): the unmute's
+    // self-kick dispatches the new source, so the queue pops its first chain only then.
+    let c = ctx.clone();
     ctx.defer(move || {
-        process(&server);
+        if !c.is_muted(group) {
+            process(&server);
+        }
     });
 }
 
