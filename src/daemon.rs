@@ -10,13 +10,14 @@ use ringblk_blkgraph::file::{FileNode, FileOptions};
 use ringblk_blkgraph::null::{NullCo, NullOptions};
 use ringblk_blkgraph::{BackendHandle, Node, Request};
 use ringblk_mirror::{JobStatus, Mirror};
+use ringblk_nbd::{ClientOptions, NbdClient, NbdServer};
 use ringblk_ring::{Context, IoThread};
 use ringblk_virtio::{Export, ExportConfig};
 use serde_json::{Value, json};
 
 use crate::options::{
-    BlockdevDriver, BlockdevOptions, ExportKind, ExportOptions, ObjectOptions, ObjectProperties,
-    SocketAddress,
+    BlockdevDriver, BlockdevOptions, ExportKind, ExportOptions, NbdServerOptions, ObjectOptions,
+    ObjectProperties, SocketAddress,
 };
 
 /// A failed operation, with the QMP error class it is reported with.
@@ -52,9 +53,38 @@ pub enum JobRole {
 }
 
 struct ExportEntry {
-    export: Export,
-    path: PathBuf,
+    served: Served,
     iothreads: Vec<String>,
+}
+
+/// How an export serves its node.
+enum Served {
+    VhostUserBlk {
+        export: Export,
+        path: PathBuf,
+    },
+    /// An export of the NBD server, under `name`.
+    Nbd {
+        name: String,
+        handle: BackendHandle,
+    },
+}
+
+impl ExportEntry {
+    /// The node the export serves now (it changes at a mirror's pivot).
+    fn root(&self) -> Node {
+        match &self.served {
+            Served::VhostUserBlk { export, .. } => export.handle().root(),
+            Served::Nbd { handle, .. } => handle.root(),
+        }
+    }
+
+    fn type_name(&self) -> &'static str {
+        match &self.served {
+            Served::VhostUserBlk { .. } => "vhost-user-blk",
+            Served::Nbd { .. } => "nbd",
+        }
+    }
 }
 
 /// Everything the daemon serves. Lives on the main context.
@@ -63,6 +93,7 @@ pub struct Daemon {
     nodes: BTreeMap<String, Node>,
     iothreads: BTreeMap<String, IoThread>,
     exports: BTreeMap<String, ExportEntry>,
+    nbd_server: Option<NbdServer>,
 }
 
 impl Daemon {
@@ -73,6 +104,7 @@ impl Daemon {
             nodes: BTreeMap::new(),
             iothreads: BTreeMap::new(),
             exports: BTreeMap::new(),
+            nbd_server: None,
         }
     }
 
@@ -148,6 +180,16 @@ impl Daemon {
                 };
                 Node::new(name.clone(), NullCo::new(null))
             }
+            BlockdevDriver::Nbd(nbd) => {
+                let client = ClientOptions {
+                    server: nbd.server.clone(),
+                    export: nbd.export.clone(),
+                    open_timeout: Duration::from_secs(nbd.open_timeout.into()),
+                    read_only: options.read_only,
+                };
+                let driver = NbdClient::connect(&client).map_err(|e| generic(e.to_string()))?;
+                Node::new(name.clone(), driver)
+            }
         };
         self.nodes.insert(name.clone(), node);
         Ok(())
@@ -168,11 +210,7 @@ impl Daemon {
             Some(JobRole::Target) => return Err(generic(format!("Node {name} is in use"))),
             None => {}
         }
-        if let Some(e) = self
-            .exports
-            .iter()
-            .find(|(_, e)| e.export.handle().root().same(node))
-        {
+        if let Some(e) = self.exports.iter().find(|(_, e)| e.root().same(node)) {
             return Err(generic(format!(
                 "Node '{name}' is busy: block device is in use by block export '{}'",
                 e.0
@@ -227,8 +265,6 @@ impl Daemon {
                 options.id
             )));
         }
-        let ExportKind::VhostUserBlk(vub) = &options.kind;
-        let SocketAddress::Unix(unix) = &vub.addr;
         let node = self.node(&options.node_name)?.clone();
         // Queue i is served by iothread i % n (the export spreads them); none: the main context.
         let rings = if options.iothread.is_empty() {
@@ -245,6 +281,43 @@ impl Daemon {
                 })
                 .collect::<Result<Vec<_>, _>>()?
         };
+        let served = match &options.kind {
+            ExportKind::VhostUserBlk(vub) => {
+                Self::start_vhost_user_blk(options, vub, BackendHandle::new(&node), rings)?
+            }
+            ExportKind::Nbd(nbd) => {
+                let server = self
+                    .nbd_server
+                    .as_ref()
+                    .ok_or_else(|| generic("NBD server not running"))?;
+                let name = nbd.name.clone().unwrap_or_else(|| node.name().to_owned());
+                let config = ringblk_nbd::ExportConfig {
+                    name: name.clone(),
+                    description: nbd.description.clone(),
+                    writable: options.writable,
+                };
+                let handle = BackendHandle::new(&node);
+                server
+                    .add_export(config, handle.clone(), rings[0].clone())
+                    .map_err(generic)?;
+                Served::Nbd { name, handle }
+            }
+        };
+        let entry = ExportEntry {
+            served,
+            iothreads: options.iothread.clone(),
+        };
+        self.exports.insert(options.id.clone(), entry);
+        Ok(())
+    }
+
+    fn start_vhost_user_blk(
+        options: &ExportOptions,
+        vub: &crate::options::BlockExportOptionsVhostUserBlk,
+        handle: BackendHandle,
+        rings: Vec<ringblk_ring::Remote>,
+    ) -> Result<Served, DaemonError> {
+        let SocketAddress::Unix(unix) = &vub.addr;
         let logical_block_size = u32::try_from(vub.logical_block_size)
             .map_err(|_| generic("logical-block-size is too large"))?;
         let config = ExportConfig {
@@ -254,15 +327,11 @@ impl Daemon {
             num_queues: vub.num_queues,
             logical_block_size,
         };
-        let export = Export::start(&config, BackendHandle::new(&node), rings)
-            .map_err(|e| generic(e.to_string()))?;
-        let entry = ExportEntry {
+        let export = Export::start(&config, handle, rings).map_err(|e| generic(e.to_string()))?;
+        Ok(Served::VhostUserBlk {
             export,
             path: unix.path.clone(),
-            iothreads: options.iothread.clone(),
-        };
-        self.exports.insert(options.id.clone(), entry);
-        Ok(())
+        })
     }
 
     /// `block-export-del`: disconnects the frontend (its in-flight requests complete first).
@@ -271,8 +340,46 @@ impl Daemon {
             .exports
             .remove(id)
             .ok_or_else(|| generic(format!("Export '{id}' is not found")))?;
-        entry.export.stop(&entry.path);
+        match entry.served {
+            Served::VhostUserBlk { export, path } => export.stop(&path),
+            Served::Nbd { name, .. } => {
+                if let Some(server) = &self.nbd_server {
+                    server.remove_export(&name);
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// `--nbd-server` / `nbd-server-start`.
+    pub fn nbd_server_start(&mut self, options: &NbdServerOptions) -> Result<(), DaemonError> {
+        if self.nbd_server.is_some() {
+            return Err(generic("NBD server already running"));
+        }
+        let max_connections = usize::try_from(options.max_connections).unwrap_or(usize::MAX);
+        let server = NbdServer::start(&options.addr, max_connections)
+            .map_err(|e| generic(format!("Failed to bind socket to {}: {e}", options.addr)))?;
+        self.nbd_server = Some(server);
+        Ok(())
+    }
+
+    /// `nbd-server-stop`: every NBD export goes away with the server, as in QEMU. Returns the
+    /// ids of those exports.
+    pub fn nbd_server_stop(&mut self) -> Result<Vec<String>, DaemonError> {
+        if self.nbd_server.is_none() {
+            return Err(generic("NBD server not running"));
+        }
+        let ids: Vec<String> = self
+            .exports
+            .iter()
+            .filter(|(_, e)| matches!(e.served, Served::Nbd { .. }))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            self.del_export(id)?;
+        }
+        self.nbd_server = None;
+        Ok(ids)
     }
 
     /// The ids of the exports, in order.
@@ -305,9 +412,7 @@ impl Daemon {
 
     /// The node export `id` serves now (it changes at a mirror's pivot).
     pub fn export_node(&self, id: &str) -> Option<String> {
-        self.exports
-            .get(id)
-            .map(|e| e.export.handle().root().name().to_owned())
+        self.exports.get(id).map(|e| e.root().name().to_owned())
     }
 
     /// `query-block-exports`.
@@ -318,8 +423,8 @@ impl Daemon {
             .map(|(id, e)| {
                 json!({
                     "id": id,
-                    "type": "vhost-user-blk",
-                    "node-name": e.export.handle().root().name(),
+                    "type": e.type_name(),
+                    "node-name": e.root().name(),
                     "shutting-down": false,
                 })
             })
@@ -348,6 +453,7 @@ impl Daemon {
             node.submit(Request::Flush, Box::new(move |_, _| d.set(true)));
             ctx.run_until(|| done.get());
         }
+        self.nbd_server = None;
         self.nodes.clear();
         self.iothreads.clear();
     }

@@ -40,6 +40,8 @@ pub struct ClientOptions {
     pub export: String,
     /// How long to keep trying to connect (0: once).
     pub open_timeout: Duration,
+    /// Refuse writes even if the server takes them.
+    pub read_only: bool,
 }
 
 /// Largest trim or write-zeroes one command carries.
@@ -93,6 +95,7 @@ impl NbdClient {
             next_cookie: 1,
             pending: HashMap::new(),
             failure: None,
+            disconnecting: false,
         }));
         conn.borrow_mut().stream.read(&conn);
         CONNECTIONS.with(|c| c.borrow_mut().insert(id, conn));
@@ -100,7 +103,7 @@ impl NbdClient {
             id,
             home: ctx.remote(),
             size: opened.size,
-            read_only: opened.flags & FLAG_READ_ONLY != 0,
+            read_only: options.read_only || opened.flags & FLAG_READ_ONLY != 0,
             export,
         })
     }
@@ -111,7 +114,7 @@ impl Drop for NbdClient {
         let id = self.id;
         self.home.defer(move || {
             if let Some(conn) = CONNECTIONS.with(|c| c.borrow_mut().remove(&id)) {
-                conn.borrow().stream.shutdown();
+                Connection::disconnect(&conn);
             }
         });
     }
@@ -195,6 +198,8 @@ struct Connection {
     pending: HashMap<u64, Command>,
     /// Why the connection is unusable, once it is.
     failure: Option<String>,
+    /// The node is gone: NBD_CMD_DISC is on its way, the socket closes once it is sent.
+    disconnecting: bool,
 }
 
 fn failure_error(message: &str) -> BlockError {
@@ -237,6 +242,25 @@ fn start(id: u64, export: &str, req: Request, route: Route) {
 }
 
 impl Connection {
+    /// Says goodbye (NBD_CMD_DISC) and closes the socket once that is sent. Nothing is in
+    /// flight: the node is dropped only when nobody can submit to it.
+    fn disconnect(this: &Rc<RefCell<Connection>>) {
+        let mut c = this.borrow_mut();
+        c.disconnecting = true;
+        if c.failure.is_some() {
+            return c.stream.shutdown();
+        }
+        let disc = RequestHeader {
+            flags: 0,
+            kind: CMD_DISC,
+            cookie: 0,
+            offset: 0,
+            len: 0,
+        };
+        disc.encode(&mut c.stream.out);
+        c.stream.flush(this);
+    }
+
     /// The commands that perform `req` (offsets are checked by the node against its size).
     fn commands(&self, req: &Request) -> Vec<RequestHeader> {
         let header = |kind, flags, offset, len| RequestHeader {
@@ -403,7 +427,12 @@ impl Peer for Connection {
         }
     }
 
-    fn sent(_: &Rc<RefCell<Connection>>) {}
+    fn sent(this: &Rc<RefCell<Connection>>) {
+        let c = this.borrow();
+        if c.disconnecting && !c.stream.sending() {
+            c.stream.shutdown();
+        }
+    }
 
     fn failed(this: &Rc<RefCell<Connection>>, error: io::Error) {
         let finished = {

@@ -258,6 +258,7 @@ fn client(server: Address, export: &str) -> Node {
         server,
         export: export.into(),
         open_timeout: Duration::from_secs(5),
+        read_only: false,
     };
     Node::new("nbd-client", NbdClient::connect(&options).unwrap())
 }
@@ -403,6 +404,7 @@ fn client_node_against_the_ringblk_server_and_a_server_that_dies() {
         server: Address::Unix(served.socket.clone()),
         export: "nope".into(),
         open_timeout: Duration::ZERO,
+        read_only: false,
     };
     let err = NbdClient::connect(&unknown).err().unwrap().to_string();
     assert!(err.contains("export 'nope'"), "{err}");

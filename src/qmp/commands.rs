@@ -18,7 +18,7 @@ use super::events::Events;
 use super::jobs;
 use crate::cli::QSD_VERSION;
 use crate::daemon::Daemon;
-use crate::options::{BlockdevOptions, ExportOptions, Form, ObjectOptions};
+use crate::options::{BlockdevOptions, ExportOptions, Form, NbdServerOptions, ObjectOptions};
 
 /// What commands act on. One per daemon, shared by every monitor; borrowed by one handler at a
 /// time (QMP sockets are muted while a command runs).
@@ -46,6 +46,8 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("block-export-add", block_export_add),
     ("block-export-del", block_export_del),
     ("query-block-exports", query_block_exports),
+    ("nbd-server-start", nbd_server_start),
+    ("nbd-server-stop", nbd_server_stop),
     ("object-add", object_add),
     ("object-del", object_del),
     ("blockdev-mirror", jobs::blockdev_mirror),
@@ -210,6 +212,24 @@ fn query_block_exports(
 ) -> Result<Value, QmpError> {
     no_arguments(arguments)?;
     Ok(state.daemon.borrow().query_block_exports())
+}
+
+fn nbd_server_start(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+    let options = NbdServerOptions::from_value(&Value::Object(arguments), Form::Json, true)?;
+    state.daemon.borrow_mut().nbd_server_start(&options)?;
+    Ok(json!({}))
+}
+
+/// Stops the server; its exports go away with it, each with its `BLOCK_EXPORT_DELETED`.
+fn nbd_server_stop(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+    no_arguments(arguments)?;
+    let ids = state.daemon.borrow_mut().nbd_server_stop()?;
+    for id in ids {
+        state
+            .events
+            .emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
+    }
+    Ok(json!({}))
 }
 
 fn object_add(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {
