@@ -57,6 +57,11 @@ pub trait Driver: Send + Sync + 'static {
     }
     /// Performs `req` and calls `done` on this context when it completes.
     fn submit(&self, req: Request, done: Done);
+    /// Changes the size to `size` bytes (QMP `block_resize`); the default cannot.
+    fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        let _ = size;
+        Err(BlockError::NotSupported)
+    }
     /// What `[offset, offset + len)` (inside the node, `len > 0`) starts with: data, or a run
     /// known to read as zeroes, and how long that run is. A metadata lookup that returns at
     /// once (QEMU's block-status); the default knows nothing, so everything is data.
@@ -171,6 +176,16 @@ impl Node {
     /// Whether write-type requests are refused.
     pub fn read_only(&self) -> bool {
         self.0.driver.read_only()
+    }
+
+    /// Changes the size to `size` bytes (`block_resize`): refused on a read-only node, and by
+    /// drivers whose size is fixed. Requests are checked against the new size from then on;
+    /// whoever shows the size to a guest (an export) must be told by the caller.
+    pub fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        if self.read_only() {
+            return Err(BlockError::ReadOnly);
+        }
+        self.0.driver.truncate(size)
     }
 
     /// What `[offset, offset + len)` starts with, and for how long ([`Driver::block_status`]).
