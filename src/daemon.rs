@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ringblk_blkgraph::file::{FileNode, FileOptions};
 use ringblk_blkgraph::null::{NullCo, NullOptions};
-use ringblk_blkgraph::{BackendHandle, Node, Request};
+use ringblk_blkgraph::{BackendHandle, BlockError, Node, Request};
 use ringblk_mirror::{JobStatus, Mirror};
 use ringblk_ring::{Context, IoThread};
 use ringblk_virtio::{Export, ExportConfig};
@@ -82,7 +82,8 @@ impl NamedNode {
         let mut image = json!({
             "filename": filename,
             "format": node.driver_name(),
-            "virtual-size": node.size(),
+            // QEMU counts sizes in 512-byte sectors: a partial last sector is a whole one.
+            "virtual-size": node.size().next_multiple_of(512),
             "actual-size": self.actual_size(),
         });
         if let BlockdevDriver::File(_) = self.options.driver {
@@ -256,6 +257,29 @@ impl Daemon {
             return Err(generic(format!("Node '{name}' is busy: it is in use")));
         }
         self.nodes.remove(name);
+        Ok(())
+    }
+
+    /// `block_resize` of node `name` (which exists): refused while a job uses it; then every
+    /// export serving the node tells its frontend the new capacity.
+    pub fn resize_node(&mut self, name: &str, size: u64) -> Result<(), DaemonError> {
+        let node = self.node(name)?.clone();
+        if self.job_role(&node).is_some() {
+            return Err(generic(format!(
+                "Node '{name}' is busy: block device is in use by block job: mirror"
+            )));
+        }
+        node.truncate(size).map_err(|e| match e {
+            BlockError::ReadOnly => generic("Image is read-only"),
+            BlockError::NotSupported => generic("Image format driver does not support resize"),
+            BlockError::Io(e) => generic(e.to_string()),
+            other => generic(other.to_string()),
+        })?;
+        for entry in self.exports.values() {
+            if entry.export.handle().root().same(&node) {
+                entry.export.capacity_changed();
+            }
+        }
         Ok(())
     }
 

@@ -96,6 +96,15 @@ impl Arguments {
             .ok_or_else(|| QmpError::generic(format!("Parameter '{name}' is missing")))
     }
 
+    /// A mandatory signed integer member (QAPI `int`).
+    pub fn i64(&mut self, name: &str) -> Result<i64, QmpError> {
+        match self.0.remove(name) {
+            None => Err(QmpError::generic(format!("Parameter '{name}' is missing"))),
+            Some(Value::Number(n)) => n.as_i64().ok_or_else(|| type_error(name, "integer")),
+            Some(_) => Err(type_error(name, "integer")),
+        }
+    }
+
     /// An optional list of an enum type whose values are `values`; absent is empty.
     pub fn optional_enum_list(
         &mut self,

@@ -43,6 +43,7 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("blockdev-add", blockdev_add),
     ("blockdev-del", blockdev_del),
     ("query-named-block-nodes", query_named_block_nodes),
+    ("block_resize", block_resize),
     ("block-export-add", block_export_add),
     ("block-export-del", block_export_del),
     ("query-block-exports", query_block_exports),
@@ -161,6 +162,33 @@ fn query_named_block_nodes(
     args.optional_bool("flat")?;
     args.finish()?;
     Ok(state.daemon.borrow().query_named_block_nodes())
+}
+
+/// `block_resize`: the node grows or shrinks and every export serving it tells its frontend,
+/// so a vhost-user-blk guest sees the new capacity at once. QSD has no block backends, so a
+/// `device` never names anything and only `node-name` finds a node; the checks come in QSD's
+/// order and words.
+fn block_resize(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+    let mut args = Arguments::new(arguments);
+    let device = args.optional_string("device")?;
+    let node_name = args.optional_string("node-name")?;
+    let size = args.i64("size")?;
+    args.finish()?;
+    let mut daemon = state.daemon.borrow_mut();
+    let name = node_name
+        .as_deref()
+        .filter(|name| daemon.node(name).is_ok())
+        .ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{}' nor node-name='{}'",
+                device.as_deref().unwrap_or_default(),
+                node_name.as_deref().unwrap_or_default()
+            ))
+        })?;
+    let size =
+        u64::try_from(size).map_err(|_| QmpError::generic("Parameter 'size' expects a >0 size"))?;
+    daemon.resize_node(name, size)?;
+    Ok(json!({}))
 }
 
 /// The checks QSD makes before the daemon's own, with QSD's wording: the id is free, the node

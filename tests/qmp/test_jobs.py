@@ -480,6 +480,10 @@ class JobBehaviour(JobTest):
         await self.assertError("GenericError",
                                "Node 'src' is busy: block device is in use by block job: mirror",
                                "blockdev-del", {"node-name": "src"})
+        for node in ("src", "tgt"):
+            await self.assertError(
+                "GenericError", f"Node '{node}' is busy: block device is in use by block job: "
+                "mirror", "block_resize", {"node-name": node, "size": MiB})
         await self.assertError("GenericError",
                                "Job 'j' in state 'running' cannot accept command verb 'complete'",
                                "block-job-complete", {"device": "j"})
