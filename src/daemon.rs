@@ -111,6 +111,54 @@ impl NamedNode {
     }
 }
 
+/// The graph `x-debug-query-block-graph` returns, built vertex by vertex.
+#[derive(Default)]
+struct BlockGraph {
+    vertices: Vec<Value>,
+    edges: Vec<Value>,
+    /// The block nodes among the vertices, by id.
+    nodes: Vec<(Node, u64)>,
+}
+
+impl BlockGraph {
+    fn vertex(&mut self, name: &str, kind: &str) -> u64 {
+        let id = self.vertices.len() as u64 + 1;
+        self.vertices
+            .push(json!({ "id": id, "name": name, "type": kind }));
+        id
+    }
+
+    /// The vertex of `node`, added with its children (and their `backing` edges) the first
+    /// time it is seen.
+    fn node(&mut self, node: &Node) -> u64 {
+        if let Some((_, id)) = self.nodes.iter().find(|(n, _)| n.same(node)) {
+            return *id;
+        }
+        let id = self.vertex(node.name(), "block-driver");
+        self.nodes.push((node.clone(), id));
+        for child in node.children() {
+            let child = self.node(&child);
+            let shared = ["write-unchanged", "write", "consistent-read"];
+            self.edge("backing", id, child, &["write", "consistent-read"], &shared);
+        }
+        id
+    }
+
+    /// The vertex with an edge to vertex `child`, if any.
+    fn parent_of(&self, child: u64) -> Option<u64> {
+        self.edges
+            .iter()
+            .find(|e| e["child"] == child && e["name"] == "backing")
+            .and_then(|e| e["parent"].as_u64())
+    }
+
+    fn edge(&mut self, name: &str, parent: u64, child: u64, perm: &[&str], shared: &[&str]) {
+        self.edges.push(json!({
+            "name": name, "parent": parent, "child": child, "perm": perm, "shared-perm": shared,
+        }));
+    }
+}
+
 /// The side of a mirror job a node is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobRole {
@@ -126,6 +174,7 @@ struct NamedNode {
 
 struct ExportEntry {
     export: Export,
+    writable: bool,
     path: PathBuf,
     iothreads: Vec<String>,
 }
@@ -356,6 +405,7 @@ impl Daemon {
             .map_err(|e| generic(e.to_string()))?;
         let entry = ExportEntry {
             export,
+            writable: options.writable,
             path: unix.path.clone(),
             iothreads: options.iothread.clone(),
         };
@@ -381,6 +431,43 @@ impl Daemon {
     /// `query-named-block-nodes`, in QSD's shape.
     pub fn query_named_block_nodes(&self) -> Value {
         Value::Array(self.nodes.values().map(NamedNode::info).collect())
+    }
+
+    /// `x-debug-query-block-graph`, in QSD's shape: the named nodes and what hangs off them (a
+    /// mirror's filter), one anonymous block backend per export with its `root` edge, and each
+    /// job with its `main node` (the filter), `source` and `target` edges. ringblk has no
+    /// permission system; an edge's `perm` and `shared-perm` are what QSD reports for the same
+    /// edge, so tools that read them see the same graph.
+    pub fn block_graph(&self) -> Value {
+        let mut graph = BlockGraph::default();
+        for named in self.nodes.values() {
+            graph.node(&named.node);
+        }
+        for entry in self.exports.values() {
+            let backend = graph.vertex("", "block-backend");
+            let root = graph.node(&entry.export.handle().root());
+            let perm: &[&str] = if entry.writable {
+                &["write", "consistent-read"]
+            } else {
+                &["consistent-read"]
+            };
+            let shared = ["resize", "write-unchanged", "write", "consistent-read"];
+            graph.edge("root", backend, root, perm, &shared);
+        }
+        for job in self.jobs.values() {
+            let id = graph.vertex(job.id(), "block-job");
+            let shared = ["write-unchanged", "write", "consistent-read"];
+            let source = graph.node(job.source());
+            let filter = graph.parent_of(source);
+            if let Some(filter) = filter {
+                graph.edge("main node", id, filter, &["consistent-read"], &shared);
+            }
+            graph.edge("source", id, source, &[], &shared);
+            let target = graph.node(job.target());
+            let shared = ["resize", "write-unchanged", "write", "consistent-read"];
+            graph.edge("target", id, target, &[], &shared);
+        }
+        json!({ "nodes": graph.vertices, "edges": graph.edges })
     }
 
     /// The node export `id` serves now (it changes at a mirror's pivot).

@@ -47,6 +47,7 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("block-export-add", block_export_add),
     ("block-export-del", block_export_del),
     ("query-block-exports", query_block_exports),
+    ("x-debug-query-block-graph", x_debug_query_block_graph),
     ("object-add", object_add),
     ("object-del", object_del),
     ("blockdev-mirror", jobs::blockdev_mirror),
@@ -238,6 +239,14 @@ fn query_block_exports(
 ) -> Result<Value, QmpError> {
     no_arguments(arguments)?;
     Ok(state.daemon.borrow().query_block_exports())
+}
+
+fn x_debug_query_block_graph(
+    state: &mut State,
+    arguments: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    no_arguments(arguments)?;
+    Ok(state.daemon.borrow().block_graph())
 }
 
 fn object_add(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {

@@ -238,6 +238,39 @@ class JobBehaviour(JobTest):
         # RingblkOnly).
         self.assertLess(await self.ready_time_s(discard="unmap"), 5)
 
+    async def block_graph(self):
+        """x-debug-query-block-graph with vertices as (type, name) instead of ids: the sorted
+        edges (name, parent, child, perm, shared-perm) and the vertices."""
+        graph = await self.execute("x-debug-query-block-graph")
+        vertices = {v["id"]: (v["type"], v["name"]) for v in graph["nodes"]}
+        edges = sorted((e["name"], vertices[e["parent"]], vertices[e["child"]],
+                        tuple(e["perm"]), tuple(e["shared-perm"])) for e in graph["edges"])
+        return edges, sorted(vertices.values())
+
+    async def test_block_graph_shows_the_export_then_the_job_and_its_filter(self):
+        await self.setup_pair()
+        all_perms = ("resize", "write-unchanged", "write", "consistent-read")
+        src, tgt = ("block-driver", "src"), ("block-driver", "tgt")
+        edges, vertices = await self.block_graph()
+        self.assertEqual(vertices, [("block-backend", ""), src, tgt])
+        self.assertEqual(edges, [("root", ("block-backend", ""), src,
+                                  ("write", "consistent-read"), all_perms)])
+        await self.mirror(speed=MiB)
+        edges, vertices = await self.block_graph()
+        job = ("block-job", "j")
+        self.assertIn(job, vertices)
+        filters = [e[2] for e in edges if e[:2] == ("main node", job)]
+        self.assertEqual(len(filters), 1, edges)
+        shared = all_perms[1:]
+        for edge in [("main node", job, filters[0], ("consistent-read",), shared),
+                     ("source", job, src, (), shared),
+                     ("target", job, tgt, (), all_perms),
+                     ("backing", filters[0], src, ("write", "consistent-read"), shared),
+                     ("root", ("block-backend", ""), filters[0], ("write", "consistent-read"),
+                      all_perms)]:
+            with self.subTest(edge=edge):
+                self.assertIn(edge, edges)
+
     async def test_cancel_before_ready_is_cancelled_and_leaves_the_export_on_the_source(self):
         await self.setup_pair()
         await self.mirror(speed=MiB)

@@ -694,6 +694,7 @@ class RingblkOnly(unittest.TestCase):
             "qmp_capabilities", "query-version", "query-commands", "quit",
             "blockdev-add", "blockdev-del", "query-named-block-nodes", "block_resize",
             "block-export-add", "block-export-del", "query-block-exports",
+            "x-debug-query-block-graph",
             "object-add", "object-del",
             "blockdev-mirror", "query-block-jobs", "query-jobs",
             "block-job-complete", "block-job-cancel", "block-job-pause", "block-job-resume",
