@@ -101,7 +101,7 @@ impl NamedNode {
             "encrypted": false,
             "detect_zeroes": "off",
             "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
-            "write_threshold": 0,
+            "write_threshold": node.write_threshold(),
             "cache": {
                 "writeback": true,
                 "direct": self.options.cache.direct,

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 use super::QmpError;
 use super::args::Arguments;
-use super::events::Events;
+use super::events::{self, Events};
 use super::jobs;
 use crate::cli::QSD_VERSION;
 use crate::daemon::Daemon;
@@ -44,6 +44,7 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("blockdev-del", blockdev_del),
     ("query-named-block-nodes", query_named_block_nodes),
     ("block_resize", block_resize),
+    ("block-set-write-threshold", block_set_write_threshold),
     ("block-export-add", block_export_add),
     ("block-export-del", block_export_del),
     ("query-block-exports", query_block_exports),
@@ -189,6 +190,34 @@ fn block_resize(state: &mut State, arguments: Map<String, Value>) -> Result<Valu
     let size =
         u64::try_from(size).map_err(|_| QmpError::generic("Parameter 'size' expects a >0 size"))?;
     daemon.resize_node(name, size)?;
+    Ok(json!({}))
+}
+
+/// `block-set-write-threshold`: the first write to the node that ends past the threshold
+/// sends BLOCK_WRITE_THRESHOLD and disarms it; 0 disarms.
+fn block_set_write_threshold(
+    state: &mut State,
+    arguments: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let mut args = Arguments::new(arguments);
+    let node_name = args.string("node-name")?;
+    let threshold = args.uint64("write-threshold")?;
+    args.finish()?;
+    let daemon = state.daemon.borrow();
+    let node = daemon
+        .node(&node_name)
+        .map_err(|_| QmpError::generic(format!("Device '{node_name}' not found")))?;
+    let main = state.main.clone();
+    let name = node_name.clone();
+    let hit = move |amount_exceeded: u64, threshold: u64| {
+        let data = json!({
+            "node-name": name,
+            "amount-exceeded": amount_exceeded,
+            "write-threshold": threshold,
+        });
+        events::post(&main, "BLOCK_WRITE_THRESHOLD", data);
+    };
+    node.set_write_threshold(threshold, Box::new(hit));
     Ok(json!({}))
 }
 

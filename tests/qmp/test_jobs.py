@@ -555,6 +555,31 @@ class JobBehaviour(JobTest):
                         "target")
 
 
+    async def test_write_threshold_fires_once_for_the_first_write_past_it(self):
+        if not os.path.exists(BENCH):
+            self.skipTest(f"ringblk-bench not found at {BENCH} (cargo build -p ringblk-bench)")
+        await self.setup_pair()
+        await self.assertError("GenericError", "Parameter 'write-threshold' expects uint64",
+                               "block-set-write-threshold",
+                               {"node-name": "nope", "write-threshold": "x"})
+        await self.assertError("GenericError", "Device 'nope' not found",
+                               "block-set-write-threshold",
+                               {"node-name": "nope", "write-threshold": MiB})
+        args = {"node-name": "src", "write-threshold": 32 * MiB}
+        self.assertEqual(await self.execute("block-set-write-threshold", args), {})
+        nodes = {n["node-name"]: n for n in await self.execute("query-named-block-nodes")}
+        self.assertEqual(nodes["src"]["write_threshold"], 32 * MiB)
+        # One sequential writer, one request at a time: [32 MiB, 33 MiB) is the first write
+        # that ends past the threshold; the later ones find it disarmed.
+        code, output = await self.run_bench("[w]\nrw=write\nbs=1m\niodepth=1\nsize=64m\n")
+        self.assertEqual(code, 0, output)
+        self.assertEqual(await self.next_event("BLOCK_WRITE_THRESHOLD"),
+                         {"node-name": "src", "amount-exceeded": MiB,
+                          "write-threshold": 32 * MiB})
+        self.assertNotIn("BLOCK_WRITE_THRESHOLD", await self.quiet())
+        nodes = {n["node-name"]: n for n in await self.execute("query-named-block-nodes")}
+        self.assertEqual(nodes["src"]["write_threshold"], 0)
+
     async def run_bench(self, text, timeout=WAIT_S):
         """Runs ringblk-bench with the job `text` on the export; returns (exit code, output)."""
         job_file = self.daemon.path("job.fio")

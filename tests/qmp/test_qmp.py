@@ -693,6 +693,7 @@ class RingblkOnly(unittest.TestCase):
         self.assertEqual(names, {
             "qmp_capabilities", "query-version", "query-commands", "quit",
             "blockdev-add", "blockdev-del", "query-named-block-nodes", "block_resize",
+            "block-set-write-threshold",
             "block-export-add", "block-export-del", "query-block-exports",
             "x-debug-query-block-graph",
             "object-add", "object-del",
