@@ -81,7 +81,11 @@ qemu-storage-daemon, for the subset below.
                          the NBD server that serves the nbd exports
 
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
-                         configure a QMP monitor
+                         configure a QMP monitor. QSD serves one client at a
+                         time per monitor (a second waits, unanswered, until
+                         the first disconnects); ringblk serves several at
+                         once, each with its own negotiation, all getting the
+                         events (ringblk's extension)
 
   --object help          list object types that can be added
   --object <type>,help   list properties for the given object type

@@ -4,6 +4,13 @@
 //! done, until the request is complete; a read that hits end-of-file fills the rest with zeroes
 //! (as QEMU does), a write that makes no progress fails with EIO.
 //!
+//! With `cache.direct=on` (O_DIRECT) the kernel refuses, with EINVAL, a transfer whose offset
+//! or length is not a multiple of the file's logical block size (the node's request alignment,
+//! which the generic checks enforce) or whose memory is not aligned to its DMA alignment. The
+//! node learns both from `statx(STATX_DIOALIGN)` (or the block device's sector size) and gives
+//! a request whose memory is misaligned an aligned bounce buffer, as QEMU does: any caller may
+//! hand any memory.
+//!
 //! Block status comes from `lseek(SEEK_DATA/SEEK_HOLE)`: holes read as zeroes. Where the file
 //! system cannot tell (or for a block device, which has no holes), everything is data. Finding
 //! the next hole walks the file's pages or extents (tmpfs: every page up to it), so the last data
@@ -17,10 +24,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
-use ringblk_ring::buf::{self, IoBuffers, Window};
+use ringblk_ring::buf::{self, IoBuffers, OwnedBuf, Window};
 use ringblk_ring::{Context, Fallocate, Op};
 
 use crate::error::{BlockError, BlockResult};
@@ -41,9 +49,10 @@ pub struct FileOptions {
 /// The file driver.
 pub struct FileNode {
     file: File,
-    size: u64,
+    /// Changes only at `truncate`, on the main context; read by every request's range check.
+    size: AtomicU64,
     read_only: bool,
-    alignment: u32,
+    alignment: DirectAlignment,
     /// The last data extent block status found (empty: none).
     data_extent: Mutex<Range<u64>>,
 }
@@ -74,13 +83,13 @@ impl FileNode {
         }
         let size = end_offset(&file).map_err(context)?;
         let alignment = if options.direct {
-            probe_direct_alignment(&file)
+            DirectAlignment::of(&file)
         } else {
-            1
+            DirectAlignment::NONE
         };
         Ok(FileNode {
             file,
-            size,
+            size: AtomicU64::new(size),
             read_only: options.read_only,
             alignment,
             data_extent: Mutex::new(0..0),
@@ -102,6 +111,54 @@ fn end_offset(file: &File) -> io::Result<u64> {
     use std::io::Seek;
     let mut f = file;
     f.seek(io::SeekFrom::End(0))
+}
+
+/// What O_DIRECT requires of a transfer (all 1 without O_DIRECT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DirectAlignment {
+    /// Offsets and the length of every segment: the logical block size.
+    offset: u32,
+    /// Addresses of the memory: the DMA alignment.
+    memory: u32,
+}
+
+impl DirectAlignment {
+    const NONE: DirectAlignment = DirectAlignment {
+        offset: 1,
+        memory: 1,
+    };
+
+    /// Asks the kernel (`statx` DIOALIGN, or a block device's logical sector size); where it
+    /// cannot tell, probes which of 512 and 4096 an O_DIRECT read accepts, for both.
+    fn of(file: &File) -> DirectAlignment {
+        use rustix::fs::{AtFlags, StatxFlags, statx};
+        if let Ok(st) = statx(file, "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN)
+            && st.stx_mask & StatxFlags::DIOALIGN.bits() != 0
+            && st.stx_dio_offset_align > 0
+        {
+            return DirectAlignment {
+                offset: st.stx_dio_offset_align,
+                memory: st.stx_dio_mem_align.max(1),
+            };
+        }
+        let probed = match rustix::fs::ioctl_blksszget(file) {
+            Ok(sector) if sector > 0 => sector,
+            _ => probe_direct_alignment(file),
+        };
+        DirectAlignment {
+            offset: probed,
+            memory: probed,
+        }
+    }
+
+    /// Whether the kernel takes `bufs` as they are (else they need a bounce buffer).
+    fn accepts(&self, bufs: &dyn IoBuffers) -> bool {
+        let memory = self.memory as usize;
+        let offset = self.offset as usize;
+        bufs.iovecs().iter().all(|v| {
+            (v.iov_base as usize).is_multiple_of(memory) && v.iov_len.is_multiple_of(offset)
+        })
+    }
 }
 
 /// The smallest of 512 and 4096 that an O_DIRECT read at offset 0 accepts.
@@ -135,12 +192,27 @@ impl Driver for FileNode {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// `ftruncate`, as QEMU's file driver does for a regular file (shrinking too); a block
+    /// device's size is not the node's to change. Errors read like QSD's.
+    fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        let kind = self.file.metadata()?.file_type();
+        if !kind.is_file() {
+            return Err(BlockError::NotSupported);
+        }
+        self.file.set_len(size).map_err(|e| {
+            io::Error::new(e.kind(), format!("Could not resize file: {}", strip_os(&e)))
+        })?;
+        self.forget_data_extent();
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
     }
 
     fn limits(&self) -> Limits {
         Limits {
-            request_alignment: self.alignment,
+            request_alignment: self.alignment.offset,
         }
     }
 
@@ -178,8 +250,10 @@ impl Driver for FileNode {
     fn submit(&self, req: Request, done: Done) {
         let fd = self.file.as_raw_fd();
         match req {
-            Request::Read { offset, buf } => transfer(fd, Direction::Read, offset, buf, 0, done),
-            Request::Write { offset, buf } => transfer(fd, Direction::Write, offset, buf, 0, done),
+            Request::Read { offset, buf } => self.transfer(fd, Direction::Read, offset, buf, done),
+            Request::Write { offset, buf } => {
+                self.transfer(fd, Direction::Write, offset, buf, done)
+            }
             Request::Flush => submit_op(Op::Fsync { fd, datasync: true }, Request::Flush, done),
             Request::Discard { offset, len } => {
                 self.forget_data_extent();
@@ -220,6 +294,34 @@ impl Driver for FileNode {
 }
 
 impl FileNode {
+    /// Reads or writes `buf` at `offset`, through an aligned bounce buffer if O_DIRECT would
+    /// refuse its memory.
+    fn transfer(
+        &self,
+        fd: RawFd,
+        dir: Direction,
+        offset: u64,
+        buf: Box<dyn IoBuffers>,
+        done: Done,
+    ) {
+        if self.alignment.accepts(buf.as_ref()) {
+            return transfer(fd, dir, offset, buf, 0, done);
+        }
+        let mut bounce = OwnedBuf::zeroed(buf::total_len(buf.as_ref()));
+        if let Direction::Write = dir {
+            buf::copy_out(buf.as_ref(), bounce.as_mut_slice());
+        }
+        let bounced: Done = Box::new(move |result, req| {
+            if let (Direction::Read, Ok(())) = (dir, &result) {
+                let bounce = req.into_buf().and_then(|b| OwnedBuf::from_boxed(b).ok());
+                let bounce = bounce.expect("the bounce buffer comes back with its request");
+                buf::copy_in(buf.as_ref(), bounce.as_slice());
+            }
+            done(result, dir.request(offset, buf));
+        });
+        transfer(fd, dir, offset, Box::new(bounce), 0, bounced);
+    }
+
     /// A hole may be punched: block status asks the file again.
     fn forget_data_extent(&self) {
         *self.data_extent.lock().unwrap() = 0..0;
@@ -247,6 +349,15 @@ fn submit_op(op: Op, req: Request, done: Done) {
 enum Direction {
     Read,
     Write,
+}
+
+impl Direction {
+    fn request(self, offset: u64, buf: Box<dyn IoBuffers>) -> Request {
+        match self {
+            Direction::Read => Request::Read { offset, buf },
+            Direction::Write => Request::Write { offset, buf },
+        }
+    }
 }
 
 /// Reads or writes `buf` at `offset`, of which the first `done_bytes` are already done.
@@ -281,10 +392,7 @@ fn transfer(
     let submitted = Context::current().submit(op, move |op, result| {
         let part = op.into_buf().expect("read and write ops carry buffers");
         let buf = if windowed { Window::unwrap(part) } else { part };
-        let req = |buf| match dir {
-            Direction::Read => Request::Read { offset, buf },
-            Direction::Write => Request::Write { offset, buf },
-        };
+        let req = |buf| dir.request(offset, buf);
         let n = match result {
             Ok(n) => n as usize,
             Err(e) => return done(Err(e.into()), req(buf)),

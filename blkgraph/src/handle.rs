@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use ringblk_ring::{Group, Remote};
 
-use crate::node::{Node, NodeInner};
+use crate::node::{Node, NodeInner, Resume};
 use crate::request::{Done, Request};
 
 /// The external sources of one device: a mute group and the contexts that poll its sources.
@@ -22,6 +22,7 @@ pub(crate) struct HandleInner {
     root: ArcSwap<NodeInner>,
     pub(crate) mute_targets: Mutex<Vec<MuteTarget>>,
     pub(crate) mute_enabled: AtomicBool,
+    park_at_node: AtomicBool,
 }
 
 /// A device's reference to its root node. Reading the root is lock-free; `replace` swaps it.
@@ -36,6 +37,7 @@ impl BackendHandle {
             root: ArcSwap::new(root.0.clone()),
             mute_targets: Mutex::new(Vec::new()),
             mute_enabled: AtomicBool::new(true),
+            park_at_node: AtomicBool::new(false),
         }));
         root.0
             .handles
@@ -50,9 +52,16 @@ impl BackendHandle {
         Node(self.0.root.load_full())
     }
 
-    /// Submits a request to the current root, on the current context.
+    /// Submits a request to the current root, on the current context. If the root is drained,
+    /// the request waits here, at the handle, and goes to whatever the root is when the drained
+    /// section ends (after a pivot: the new root).
     pub fn submit(&self, req: Request, done: Done) {
-        self.root().submit(req, done);
+        let resume = if self.0.park_at_node.load(Ordering::Relaxed) {
+            Resume::Node
+        } else {
+            Resume::Handle(self.clone())
+        };
+        self.root().enter(req, done, resume);
     }
 
     /// Makes `new_root` the root: the pivot. Call it inside a drained section of the old root,
@@ -97,6 +106,13 @@ impl BackendHandle {
     /// that their check catches lost writes. Never turn it off in production.
     pub fn set_mute_enabled_for_test(&self, enabled: bool) {
         self.0.mute_enabled.store(enabled, Ordering::SeqCst);
+    }
+
+    /// TEST ONLY: with `true`, a request parked at a drained root resumes at that node rather
+    /// than at the handle's root of the moment: after a pivot, at the old root, where an
+    /// acknowledged write is lost to the new one. Tests use it to prove they catch that.
+    pub fn set_park_at_node_for_test(&self, at_node: bool) {
+        self.0.park_at_node.store(at_node, Ordering::Relaxed);
     }
 }
 

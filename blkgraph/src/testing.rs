@@ -16,6 +16,8 @@ pub struct Faults {
     pub fail_reads: AtomicBool,
     /// Write-type requests complete with EIO (after reaching the child or not: see `drop_writes`).
     pub fail_writes: AtomicBool,
+    /// Failing writes fail with ENOSPC instead of EIO (a target that ran out of space).
+    pub no_space: AtomicBool,
     /// Completions are held until [`release_held`] runs on the completing thread.
     pub hold: AtomicBool,
 }
@@ -95,7 +97,12 @@ impl Driver for FaultNode {
                     &faults.fail_reads
                 };
                 let result = if fail.load(Ordering::SeqCst) && !matches!(req, Request::Flush) {
-                    Err(io::Error::from_raw_os_error(libc::EIO).into())
+                    let errno = if req.is_write() && faults.no_space.load(Ordering::SeqCst) {
+                        libc::ENOSPC
+                    } else {
+                        libc::EIO
+                    };
+                    Err(io::Error::from_raw_os_error(errno).into())
                 } else {
                     result
                 };

@@ -158,9 +158,9 @@ fn replace_outside_a_drained_section_panics() {
 }
 
 #[test]
-fn request_parked_before_a_pivot_runs_on_the_node_it_was_submitted_to() {
-    // The hazard the mirror's mute exists for: a request that reached the old root's gate during
-    // the drained section still runs on the old root after drained_end, not on the new one.
+fn request_parked_at_a_handle_during_a_pivot_resumes_on_the_new_root() {
+    // Design invariant 7: a device's request that reached the old root's gate during the drained
+    // section goes, when it resumes, wherever the handle points then: the new root.
     on_context(|ctx| {
         let (fa, fb) = (image(1 << 16, 0), image(1 << 16, 0));
         let (a, b) = (file_node("a", &fa), file_node("b", &fb));
@@ -170,8 +170,41 @@ fn request_parked_before_a_pivot_runs_on_the_node_it_was_submitted_to() {
         handle.replace(&b);
         drop(drained);
         ctx.run_until(|| slot.borrow().is_some());
+        assert_eq!(&std::fs::read(fb.path()).unwrap()[..4], b"LATE");
+        assert_eq!(&std::fs::read(fa.path()).unwrap()[..4], [0; 4]);
+    });
+}
+
+#[test]
+fn with_parking_at_the_node_a_request_parked_during_a_pivot_runs_on_the_old_root() {
+    // The test-only switch restores the hazard, so the mirror's tests can show they catch it.
+    on_context(|ctx| {
+        let (fa, fb) = (image(1 << 16, 0), image(1 << 16, 0));
+        let (a, b) = (file_node("a", &fa), file_node("b", &fb));
+        let handle = BackendHandle::new(&a);
+        handle.set_park_at_node_for_test(true);
+        let drained = drained_begin(&a);
+        let slot = start_via(&handle, write(0, b"LATE"));
+        handle.replace(&b);
+        drop(drained);
+        ctx.run_until(|| slot.borrow().is_some());
         assert_eq!(&std::fs::read(fa.path()).unwrap()[..4], b"LATE");
         assert_eq!(&std::fs::read(fb.path()).unwrap()[..4], [0; 4]);
+    });
+}
+
+#[test]
+fn request_submitted_to_a_node_resumes_at_that_node() {
+    on_context(|ctx| {
+        let fa = image(1 << 16, 0);
+        let a = file_node("a", &fa);
+        let drained = drained_begin(&a);
+        let slot = start(&a, write(0, b"NODE"));
+        ctx.turn(ringblk_ring::Wait::No);
+        assert!(slot.borrow().is_none(), "waits at the gate");
+        drop(drained);
+        ctx.run_until(|| slot.borrow().is_some());
+        assert_eq!(&std::fs::read(fa.path()).unwrap()[..4], b"NODE");
     });
 }
 

@@ -255,16 +255,20 @@ impl Job {
     /// A buffer of `len` bytes from the pool (contents unspecified: a read fills it).
     fn take_buf(&self, len: u64) -> OwnedBuf {
         let len = usize::try_from(len).expect("a copy fits in memory");
-        let mut data = self.pool.borrow_mut().pop().unwrap_or_default();
-        data.resize(len, 0);
-        OwnedBuf::from_vec(data)
+        let mut buf = self
+            .pool
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| OwnedBuf::zeroed(0));
+        buf.resize(len);
+        buf
     }
 
     fn put_buf(&self, buf: OwnedBuf) {
         let mut pool = self.pool.borrow_mut();
         let pooled: u64 = pool.iter().map(|b| b.capacity() as u64).sum();
         if pooled < self.cfg.buf_size {
-            pool.push(buf.into_vec());
+            pool.push(buf);
         }
     }
 
@@ -309,9 +313,7 @@ fn owned(req: Request) -> OwnedBuf {
     let buf = req
         .into_buf()
         .expect("copies read and write through a buffer");
-    let any: Box<dyn std::any::Any> = buf;
-    *any.downcast::<OwnedBuf>()
-        .expect("the job's copies use OwnedBuf")
+    OwnedBuf::from_boxed(buf).unwrap_or_else(|_| panic!("the job's copies use OwnedBuf"))
 }
 
 /// Whether every byte is zero.

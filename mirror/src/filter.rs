@@ -148,14 +148,14 @@ impl MirrorTop {
         shared.active_bytes.fetch_add(len, Ordering::SeqCst);
         let (to_source, to_target, keep_dirty) = match &req {
             Request::Write { offset, buf } => {
-                let mut data = vec![0; buf::total_len(buf.as_ref())];
-                buf::copy_out(buf.as_ref(), &mut data);
-                let copy = OwnedBuf::from_vec(data.clone());
+                let mut data = OwnedBuf::zeroed(buf::total_len(buf.as_ref()));
+                buf::copy_out(buf.as_ref(), data.as_mut_slice());
+                let copy = OwnedBuf::from_slice(data.as_slice());
                 let write = |b: OwnedBuf| Request::Write {
                     offset: *offset,
                     buf: Box::new(b),
                 };
-                (write(OwnedBuf::from_vec(data)), write(copy), false)
+                (write(data), write(copy), false)
             }
             Request::WriteZeroes { offset, len, unmap } => {
                 let zeroes = || Request::WriteZeroes {

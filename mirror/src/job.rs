@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ringblk_blkgraph::{Drained, Node, drained_begin};
+use ringblk_ring::buf::OwnedBuf;
 use ringblk_ring::{Context, Op, SourceId};
 
 use crate::error::MirrorError;
@@ -108,7 +109,7 @@ pub(crate) struct Job {
     pub(crate) events: Option<EventSink>,
     pub(crate) st: RefCell<State>,
     pub(crate) wake_source: Cell<Option<SourceId>>,
-    pub(crate) pool: RefCell<Vec<Vec<u8>>>,
+    pub(crate) pool: RefCell<Vec<OwnedBuf>>,
     pub(crate) pivot_hook: RefCell<Option<Box<dyn FnOnce()>>>,
 }
 

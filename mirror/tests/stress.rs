@@ -5,8 +5,10 @@
 //! generation the guest saw acknowledged.
 //!
 //! At random iterations the job's test hook also injects a guest write into the window between
-//! the final copy and the pivot. With the mute disabled the same loop must report a lost write:
-//! the check is shown to catch what the mute prevents.
+//! the final copy and the pivot. With the mute disabled and parked requests resuming at the
+//! node they parked at (the protections that window has, both switched off by test-only
+//! switches), the same loop must report a lost write: the check is shown to catch what they
+//! prevent.
 //!
 //! `RINGBLK_STRESS_ITERATIONS` sets the number of mirrors (default 200), `RINGBLK_STRESS_SEED`
 //! replays a run; the seed is printed (and shown by the test harness on failure).
@@ -68,8 +70,9 @@ fn wait_ready(ctx: &Context, events: &mut Events, mirror: &Mirror, seed: u64) {
     }
 }
 
-fn stress(iterations: u64, mute: bool, seed: u64) -> Report {
-    eprintln!("stress seed = {seed} (RINGBLK_STRESS_SEED to replay), mute = {mute}");
+/// `protected: false` switches off the mute and the handle's parking (see the module doc).
+fn stress(iterations: u64, protected: bool, seed: u64) -> Report {
+    eprintln!("stress seed = {seed} (RINGBLK_STRESS_SEED to replay), protected = {protected}");
     let iothread = IoThread::spawn("guest", Duration::ZERO).unwrap();
     let ring = iothread.remote().clone();
     let report = on_context(move |ctx| {
@@ -78,7 +81,8 @@ fn stress(iterations: u64, mute: bool, seed: u64) -> Report {
         let mut current = file_node("disk-0", &current_file);
         let handle = BackendHandle::new(&current);
         let device = Device::attach(&handle, ring, BLOCKS, seed ^ 0x5eed);
-        handle.set_mute_enabled_for_test(mute);
+        handle.set_mute_enabled_for_test(protected);
+        handle.set_park_at_node_for_test(!protected);
         // Holes on the source race the copy loop's block status as writes race its reads.
         device.punch_holes(4);
         device.start_writer(QUEUE_DEPTH, rng.below(2) * 20);
@@ -117,7 +121,7 @@ fn stress(iterations: u64, mute: bool, seed: u64) -> Report {
                     let before = d.dispatched();
                     d.write(None);
                     // Give the device's thread the chance to dispatch it inside the window
-                    // (it will unless muted).
+                    // (it will unless muted; unprotected, its write then parks at the filter).
                     let until = Instant::now() + Duration::from_millis(2);
                     while d.dispatched() == before && Instant::now() < until {
                         std::hint::spin_loop();
@@ -191,14 +195,14 @@ fn every_acknowledged_write_survives_hundreds_of_pivots_under_load() {
 }
 
 #[test]
-fn without_the_mute_the_same_stress_reports_lost_writes() {
+fn without_mute_or_handle_parking_the_same_stress_reports_lost_writes() {
     let seed = seed();
     let report = stress(40, false, seed);
     let Some((i, lost)) = report.lost else {
         panic!(
-            "seed {seed}: {} mirrors without the mute and no lost write detected",
+            "seed {seed}: {} unprotected mirrors and no lost write detected",
             report.completions
         );
     };
-    eprintln!("without the mute: lost {lost:?} after mirror {i}");
+    eprintln!("unprotected: lost {lost:?} after mirror {i}");
 }

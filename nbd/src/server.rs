@@ -385,7 +385,8 @@ impl Connection {
                 }
             };
             let payload_len = header.payload_len();
-            let payload = c.stream.unparsed()[REQUEST_HEADER_BYTES..][..payload_len].to_vec();
+            let payload =
+                OwnedBuf::from_slice(&c.stream.unparsed()[REQUEST_HEADER_BYTES..][..payload_len]);
             c.stream.consume(REQUEST_HEADER_BYTES + payload_len);
             c.handle(this, header, payload);
         }
@@ -408,7 +409,7 @@ impl Connection {
             || self.stream.out.len() >= OUT_BYTES_MAX
     }
 
-    fn handle(&mut self, this: &Rc<RefCell<Connection>>, h: RequestHeader, payload: Vec<u8>) {
+    fn handle(&mut self, this: &Rc<RefCell<Connection>>, h: RequestHeader, payload: OwnedBuf) {
         let writable = self.export.config.writable;
         let range_ok = in_range(h.offset, h.len, self.size);
         let is_write = matches!(h.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
@@ -430,7 +431,7 @@ impl Connection {
             CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM if h.len == 0 => return self.reply_ok(h),
             CMD_WRITE => Request::Write {
                 offset: h.offset,
-                buf: Box::new(OwnedBuf::from_vec(payload)),
+                buf: Box::new(payload),
             },
             CMD_WRITE_ZEROES => Request::WriteZeroes {
                 offset: h.offset,
@@ -486,7 +487,7 @@ impl Connection {
                     c.reply_error(h, block_error(&e), &message);
                 }
                 Ok(()) => match req.into_buf() {
-                    Some(buf) if h.kind == CMD_READ => c.reply_read(h, &read_bytes(buf)),
+                    Some(buf) if h.kind == CMD_READ => c.reply_read(h, read_bytes(buf).as_slice()),
                     _ => c.reply_ok(h),
                 },
             }
@@ -583,9 +584,8 @@ fn block_error(e: &BlockError) -> u32 {
     }
 }
 
-fn read_bytes(buf: Box<dyn IoBuffers>) -> Vec<u8> {
-    let any: Box<dyn std::any::Any> = buf;
-    any.downcast::<OwnedBuf>()
+fn read_bytes(buf: Box<dyn IoBuffers>) -> OwnedBuf {
+    OwnedBuf::from_boxed(buf)
+        .ok()
         .expect("the server reads into OwnedBufs")
-        .into_vec()
 }

@@ -10,7 +10,6 @@
 //! flight and come back in its completion. The socket is an `Arc<OwnedFd>` the owner keeps;
 //! every op's completion holds the owner (an `Rc`), so the fd outlives the ops that use it.
 
-use std::any::Any;
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -137,7 +136,8 @@ impl Stream {
             return;
         }
         self.writing = true;
-        let buf = Box::new(OwnedBuf::from_vec(std::mem::take(&mut self.out)));
+        let buf = Box::new(OwnedBuf::from_slice(&self.out));
+        self.out.clear();
         write(self.fd.as_raw_fd(), buf, 0, peer.clone());
     }
 }
@@ -174,14 +174,7 @@ fn write<P: Peer>(fd: i32, buf: Box<dyn IoBuffers>, done_bytes: usize, peer: Rc<
                     let mut p = peer.borrow_mut();
                     let s = p.stream();
                     s.writing = false;
-                    if s.out.is_empty() {
-                        // Keep the allocation for the next replies.
-                        let mut spare = owned(buf).into_vec();
-                        spare.clear();
-                        s.out = spare;
-                    } else {
-                        s.flush(&peer);
-                    }
+                    s.flush(&peer);
                 }
                 P::sent(&peer);
             }
@@ -200,7 +193,7 @@ fn submit(op: Op, done: impl FnOnce(Op, io::Result<u32>) + 'static) {
 }
 
 fn owned(buf: Box<dyn IoBuffers>) -> OwnedBuf {
-    let any: Box<dyn Any> = buf;
-    *any.downcast::<OwnedBuf>()
+    OwnedBuf::from_boxed(buf)
+        .ok()
         .expect("the stream's ops carry OwnedBufs")
 }

@@ -270,7 +270,7 @@ fn exercise_client(ctx: &Context, node: &Node) {
     let done = Rc::new(RefCell::new(0));
     for i in 0..count {
         let d = done.clone();
-        let buf = OwnedBuf::from_vec(vec![i as u8 + 1; 65536]);
+        let buf = OwnedBuf::from_slice(&vec![i as u8 + 1; 65536]);
         let req = Request::Write {
             offset: i * 65536,
             buf: Box::new(buf),
@@ -307,7 +307,7 @@ fn exercise_client(ctx: &Context, node: &Node) {
         node,
         Request::Write {
             offset: 8 * MIB,
-            buf: Box::new(OwnedBuf::from_vec(vec![7; big])),
+            buf: Box::new(OwnedBuf::from_slice(&vec![7; big])),
         },
     );
     r.unwrap();
@@ -341,8 +341,8 @@ fn exercise_client(ctx: &Context, node: &Node) {
 }
 
 fn read_back(req: Request) -> Vec<u8> {
-    let any: Box<dyn std::any::Any> = req.into_buf().unwrap();
-    any.downcast::<OwnedBuf>().unwrap().into_vec()
+    let buf = OwnedBuf::from_boxed(req.into_buf().unwrap()).ok().unwrap();
+    buf.as_slice().to_vec()
 }
 
 fn wait_for_socket(path: &Path, child: &mut Child) {

@@ -88,52 +88,122 @@ pub fn fill_zero(bufs: &dyn IoBuffers) {
     }
 }
 
-/// A heap buffer owned by an op: the simplest [`IoBuffers`].
+/// Alignment of an [`OwnedBuf`]'s memory: a page, which satisfies every O_DIRECT file and block
+/// device (their memory alignment is at most the logical block size, at most a page).
+pub const OWNED_BUF_ALIGN: usize = 4096;
+
+/// A page-aligned heap buffer owned by an op: the simplest [`IoBuffers`], and the one to use
+/// for memory the kernel transfers to or from an O_DIRECT file.
 pub struct OwnedBuf {
-    data: Vec<u8>,
+    /// The allocation: `capacity` bytes at [`OWNED_BUF_ALIGN`], or dangling when `capacity == 0`.
+    ptr: ptr::NonNull<u8>,
+    capacity: usize,
+    /// The buffer: the first `iov[0].iov_len` bytes of the allocation.
     iov: [libc::iovec; 1],
 }
 
-// SAFETY: the iovec points into `data`'s heap allocation, which is never reallocated (OwnedBuf
-// exposes no way to grow it) and is freed only when the OwnedBuf is dropped. Moving the OwnedBuf
-// moves the Vec header, not the heap block, so the pointer stays valid.
+// SAFETY: the iovec points into the allocation `ptr`, which is `capacity >= iov_len` bytes long
+// (or the length is 0), is replaced only through `&mut self` (`resize`), and is freed only when
+// the OwnedBuf is dropped. Moving the OwnedBuf does not move the heap block.
 unsafe impl IoBuffers for OwnedBuf {
     fn iovecs(&self) -> &[libc::iovec] {
         &self.iov
     }
 }
 
-// SAFETY: the raw pointer in `iov` refers to memory owned by this value alone.
+// SAFETY: the raw pointers refer to memory owned by this value alone.
 unsafe impl Send for OwnedBuf {}
 
 impl OwnedBuf {
     /// A zero-filled buffer of `len` bytes.
     pub fn zeroed(len: usize) -> OwnedBuf {
-        OwnedBuf::from_vec(vec![0; len])
+        let ptr = if len == 0 {
+            ptr::NonNull::<u8>::dangling()
+        } else {
+            let layout = Self::layout(len);
+            // SAFETY: `layout` has a non-zero size (len > 0) and a valid power-of-two alignment.
+            let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+            ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout))
+        };
+        OwnedBuf {
+            ptr,
+            capacity: len,
+            iov: [libc::iovec {
+                iov_base: ptr.as_ptr().cast(),
+                iov_len: len,
+            }],
+        }
     }
 
-    /// Takes ownership of `data`.
-    pub fn from_vec(mut data: Vec<u8>) -> OwnedBuf {
-        let iov = [libc::iovec {
-            iov_base: data.as_mut_ptr().cast(),
-            iov_len: data.len(),
-        }];
-        OwnedBuf { data, iov }
+    /// A buffer holding a copy of `data`.
+    pub fn from_slice(data: &[u8]) -> OwnedBuf {
+        let mut buf = OwnedBuf::zeroed(data.len());
+        buf.as_mut_slice().copy_from_slice(data);
+        buf
+    }
+
+    /// Takes the buffer back from a request or op that carried it; gives `bufs` back if it is
+    /// not an `OwnedBuf`.
+    pub fn from_boxed(bufs: Box<dyn IoBuffers>) -> Result<OwnedBuf, Box<dyn IoBuffers>> {
+        if !(&*bufs as &dyn std::any::Any).is::<OwnedBuf>() {
+            return Err(bufs);
+        }
+        let any: Box<dyn std::any::Any> = bufs;
+        Ok(*any.downcast::<OwnedBuf>().expect("checked above"))
+    }
+
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len, OWNED_BUF_ALIGN).expect("buffer size fits isize")
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.iov[0].iov_len
+    }
+
+    /// Bytes the allocation holds (what `resize` can grow to without reallocating).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Whether the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Makes the buffer `len` bytes long: the first `min(len, old len)` bytes keep their value;
+    /// bytes beyond the old length are unspecified (a read fills them). Reuses the allocation
+    /// when it is large enough.
+    pub fn resize(&mut self, len: usize) {
+        if len > self.capacity {
+            let mut bigger = OwnedBuf::zeroed(len);
+            bigger.as_mut_slice()[..self.len()].copy_from_slice(self.as_slice());
+            *self = bigger;
+            return;
+        }
+        self.iov[0].iov_len = len;
     }
 
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
-        &self.data
+        // SAFETY: `ptr` is valid for `len() <= capacity` bytes (dangling only when the length is
+        // 0, which a slice allows) and `&self` excludes writers through this value.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len()) }
     }
 
     /// The bytes, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.data
+        // SAFETY: as in `as_slice`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len()) }
     }
+}
 
-    /// Gives the Vec back.
-    pub fn into_vec(self) -> Vec<u8> {
-        self.data
+impl Drop for OwnedBuf {
+    fn drop(&mut self) {
+        if self.capacity > 0 {
+            // SAFETY: `ptr` was allocated by `zeroed` with this exact layout and not freed since.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.capacity)) };
+        }
     }
 }
 
@@ -205,6 +275,21 @@ mod tests {
         let mut out = [0u8; 5];
         assert_eq!(copy_out(&w, &mut out), 5);
         assert_eq!(&out, b"hello");
+    }
+
+    #[test]
+    fn owned_buffers_are_page_aligned_and_keep_their_bytes_when_resized() {
+        let mut b = OwnedBuf::from_slice(b"abc");
+        assert_eq!(b.iovecs()[0].iov_base as usize % OWNED_BUF_ALIGN, 0);
+        b.resize(10_000);
+        assert_eq!(b.iovecs()[0].iov_base as usize % OWNED_BUF_ALIGN, 0);
+        assert_eq!(&b.as_slice()[..3], b"abc");
+        b.resize(2);
+        assert_eq!(b.as_slice(), b"ab");
+        assert_eq!(total_len(&b), 2);
+        let back = OwnedBuf::from_boxed(Box::new(b)).ok().unwrap();
+        assert_eq!(back.as_slice(), b"ab");
+        assert!(OwnedBuf::from_boxed(Box::new(Window::new(Box::new(back), 1))).is_err());
     }
 
     #[test]

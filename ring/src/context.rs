@@ -145,6 +145,12 @@ struct Inner {
     shared: Arc<Shared>,
     rx: Receiver<RemoteTask>,
     wake_armed: Cell<bool>,
+    /// Loop turns in progress on this thread: 1 in a turn, more in a turn nested in a wait that
+    /// a handler started (see [`Context::run_until`]).
+    turn_depth: Cell<u32>,
+    /// Sources that fired, or were kicked, during a nested turn: dispatched once the outermost
+    /// turn is over.
+    held: RefCell<Vec<usize>>,
 }
 
 /// How long a loop turn may block when there is nothing to do.
@@ -199,6 +205,8 @@ impl Context {
             shared,
             rx,
             wake_armed: Cell::new(false),
+            turn_depth: Cell::new(0),
+            held: RefCell::new(Vec::new()),
         }));
         CURRENT.with(|c| *c.borrow_mut() = Some(ctx.clone()));
         Ok(ctx)
@@ -446,9 +454,38 @@ impl Context {
             .filter(|(_, s)| s.as_ref().is_some_and(|s| s.group == group && !s.removed))
             .map(|(i, _)| i)
             .collect();
+        if self.nested() {
+            self.0.held.borrow_mut().extend(members);
+            return;
+        }
         for index in members {
             self.dispatch_source(index);
         }
+    }
+
+    /// Whether the current turn runs nested inside a wait that a handler started.
+    fn nested(&self) -> bool {
+        self.0.turn_depth.get() > 1
+    }
+
+    /// After the outermost turn: the sources held by nested turns are dispatched at the next
+    /// turn, each once (a muted one waits for its unmute's self-kick instead).
+    fn release_held(&self) {
+        let mut held = std::mem::take(&mut *self.0.held.borrow_mut());
+        if held.is_empty() {
+            return;
+        }
+        held.sort_unstable();
+        held.dedup();
+        let ctx = self.clone();
+        self.defer(move || {
+            for index in held {
+                let group = ctx.0.sources.borrow()[index].as_ref().map(|s| s.group);
+                if group.is_some_and(|g| !ctx.is_muted(g)) {
+                    ctx.dispatch_source(index);
+                }
+            }
+        });
     }
 
     /// Consumes the source's eventfd, calls its handler and re-arms its poll.
@@ -507,6 +544,11 @@ impl Context {
             // The poll itself failed (not a cancel: removed sources returned above); re-arm
             // rather than dispatch a kick that did not happen.
             self.arm(index);
+            return;
+        }
+        // Nested in a wait: the event stays in its fd, unconsumed, until the wait is over.
+        if self.nested() {
+            self.0.held.borrow_mut().push(index);
             return;
         }
         self.dispatch_source(index);
@@ -655,6 +697,17 @@ impl Context {
     /// Runs one loop turn, blocking at most as `wait` says when there is nothing to do.
     /// Returns whether anything was dispatched.
     pub fn turn(&self, wait: Wait) -> bool {
+        let depth = self.0.turn_depth.get();
+        self.0.turn_depth.set(depth + 1);
+        let progress = self.turn_once(wait);
+        self.0.turn_depth.set(depth);
+        if depth == 0 {
+            self.release_held();
+        }
+        progress
+    }
+
+    fn turn_once(&self, wait: Wait) -> bool {
         if self.dispatch_ready() {
             self.flush_or_panic();
             return true;
@@ -686,6 +739,18 @@ impl Context {
 
     /// Runs loop turns until `pred` holds. Used by drains: the condition may depend on other
     /// threads, so each turn sleeps at most a short while before checking again.
+    ///
+    /// **The rule of nested waits** (design invariant 8). Called from inside a loop turn (by a
+    /// handler: a QMP command beginning a drained section, a vhost-user message stopping a
+    /// queue), the turns it runs are *nested*: they dispatch op completions, deferred callbacks
+    /// and callbacks posted from other threads, but no external source and no poller. A source
+    /// that fires meanwhile keeps its event and is dispatched once the outermost turn is over.
+    /// Completions and callbacks never wait (they finish requests, pivot, unmute, release
+    /// parked requests: what a wait waits for), while a source's handler may start a wait of its
+    /// own (a vhost-user message stopping a queue waits for its requests): nested inside another
+    /// wait, that one could wait for requests parked behind the outer one, forever. So a
+    /// deferred callback must never wait for parked requests; drained sections wait only for
+    /// requests in flight, which need nothing but completions and callbacks to finish.
     pub fn run_until(&self, mut pred: impl FnMut() -> bool) {
         while !pred() {
             self.turn(Wait::For(Duration::from_micros(50)));
@@ -795,7 +860,8 @@ impl Context {
         !ring.completion().is_empty()
     }
 
-    /// Calls `f` on every poller whose group is not muted; returns whether any returned true.
+    /// Calls `f` on every poller whose group is not muted (none in a nested turn); returns
+    /// whether any returned true.
     /// Pollers may add or remove pollers meanwhile: the slots are read one at a time.
     fn each_poller(&self, f: impl Fn(&mut dyn Poller) -> bool) -> bool {
         let mut progress = false;
@@ -807,7 +873,7 @@ impl Context {
                     break;
                 };
                 slot.as_ref()
-                    .filter(|p| !self.is_muted(p.group))
+                    .filter(|p| !self.nested() && !self.is_muted(p.group))
                     .map(|p| p.poller.clone())
             };
             if let Some(poller) = poller {

@@ -96,6 +96,10 @@ impl Remote {
 
     /// Runs `f` on the context and waits for its result. On the context's own thread it runs
     /// inline. Returns `None` if the context stopped before running it.
+    ///
+    /// A caller that has a context of its own keeps running it meanwhile, in nested turns
+    /// (see [`crate::Context::run_until`]): `f` may wait for something only the caller's
+    /// context can finish, such as requests parked behind a drained section it holds.
     pub fn call<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
         if self.is_current() {
             return Some(f());
@@ -104,7 +108,18 @@ impl Remote {
         self.defer(move || {
             let _ = tx.send(f());
         });
-        rx.recv().ok()
+        let Some(ctx) = crate::Context::try_current() else {
+            return rx.recv().ok();
+        };
+        let mut result = None;
+        ctx.run_until(|| match rx.try_recv() {
+            Ok(r) => {
+                result = Some(r);
+                true
+            }
+            Err(e) => e.is_disconnected(),
+        });
+        result
     }
 
     /// Mutes `group` on the context. Returns once the mute is in force: the context has run a

@@ -271,7 +271,7 @@ fn write_then_read_round_trips_through_a_file() {
     on_context(|ctx| {
         let f = image(8192);
         let fd = f.as_file().as_raw_fd();
-        let data = OwnedBuf::from_vec(b"ringblk!".repeat(512));
+        let data = OwnedBuf::from_slice(&b"ringblk!".repeat(512));
         let (_, res) = run_op(
             ctx,
             Op::Write {
@@ -791,6 +791,58 @@ fn with_no_op_in_flight_the_completions_window_does_not_keep_the_loop_polling() 
             polls.get() < 10,
             "nothing can complete: one pass, then sleep (polled {} times)",
             polls.get()
+        );
+    });
+}
+
+#[test]
+fn a_wait_nested_in_a_handler_runs_callbacks_but_holds_sources_until_the_outer_turn_ends() {
+    on_context(|ctx| {
+        let efd = eventfd();
+        let fd = efd.as_raw_fd();
+        let hits = counting_source(ctx, Group::new(), fd);
+        turns(ctx, 2);
+        let outer_done = Rc::new(Cell::new(false));
+        let (hits_in, done) = (hits.clone(), outer_done.clone());
+        let c = ctx.clone();
+        ctx.defer(move || {
+            // A handler that waits: the kick arrives during its wait, and so does a callback.
+            eventfd_write(fd);
+            let callback_ran = Rc::new(Cell::new(false));
+            let r = callback_ran.clone();
+            c.defer(move || r.set(true));
+            let deadline = std::time::Instant::now() + Duration::from_millis(50);
+            c.run_until(|| callback_ran.get() && std::time::Instant::now() > deadline);
+            assert_eq!(
+                hits_in.get(),
+                0,
+                "a source was dispatched inside a nested wait"
+            );
+            done.set(true);
+        });
+        ctx.run_until(|| outer_done.get());
+        ctx.run_until(|| hits.get() == 1);
+        turns(ctx, 3);
+        assert_eq!(hits.get(), 1, "the held kick is dispatched exactly once");
+    });
+}
+
+#[test]
+fn a_call_from_a_context_keeps_running_its_callbacks_while_it_waits() {
+    let thread = IoThread::spawn("iot", Duration::ZERO).unwrap();
+    on_context(move |ctx| {
+        // The callee waits for something only the caller's context can do (as a queue's stop
+        // waits for requests that a drained section on the main context releases).
+        let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+        let me = ctx.remote();
+        let got = thread.remote().call(move || {
+            me.defer(move || tx.send(()).unwrap());
+            rx.recv_timeout(Duration::from_secs(5)).is_ok()
+        });
+        assert_eq!(
+            got,
+            Some(true),
+            "the caller ran the callee's callback while it waited"
         );
     });
 }

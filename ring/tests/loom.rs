@@ -89,6 +89,10 @@ impl Context {
         None
     }
 
+    fn run_until(&self, _pred: impl FnMut() -> bool) {
+        unreachable!("the loom models never reach a context")
+    }
+
     fn id(&self) -> u64 {
         unreachable!("the loom models never reach a context")
     }

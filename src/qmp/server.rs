@@ -97,6 +97,7 @@ impl QmpServer {
     /// A server without sockets, on the current (main) context. Commands act on `daemon`;
     /// events emitted on `events` reach every negotiated client.
     pub fn new(daemon: Rc<RefCell<Daemon>>, events: Rc<Events>) -> QmpServer {
+        Events::install(&events);
         let state = State {
             daemon,
             events: events.clone(),
@@ -301,9 +302,10 @@ impl Client {
         output.queued.extend_from_slice(bytes);
         if !output.writing {
             output.writing = true;
-            let queued = std::mem::take(&mut output.queued);
+            let queued = OwnedBuf::from_slice(&output.queued);
+            output.queued.clear();
             drop(output);
-            self.write(Box::new(OwnedBuf::from_vec(queued)));
+            self.write(Box::new(queued));
         }
     }
 
@@ -338,9 +340,10 @@ impl Client {
                 if output.queued.is_empty() {
                     output.writing = false;
                 } else {
-                    let queued = std::mem::take(&mut output.queued);
+                    let queued = OwnedBuf::from_slice(&output.queued);
+                    output.queued.clear();
                     drop(output);
-                    self.write(Box::new(OwnedBuf::from_vec(queued)));
+                    self.write(Box::new(queued));
                 }
             }
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {

@@ -85,8 +85,9 @@ pub(crate) fn start(key: u64, start: QueueStart) {
         flush_scheduled: false,
     }));
     let fd = server.borrow().kick.as_raw_fd();
+    let group = start.group;
     let s = server.clone();
-    let source = ctx.add_source(start.group, fd, move || {
+    let source = ctx.add_source(group, fd, move || {
         process(&s);
     });
     let poller = ctx.add_poller(start.group, QueuePoller(server.clone()));
@@ -97,8 +98,13 @@ pub(crate) fn start(key: u64, start: QueueStart) {
     }
     SERVERS.with(|m| m.borrow_mut().insert(key, server.clone()));
     // Chains made available before the kick fd was ours would otherwise wait for the next kick.
+    // Not while the device is muted (a drained section, a mirror's final sync): the unmute's
+    // self-kick dispatches the new source, so the queue pops its first chain only then.
+    let c = ctx.clone();
     ctx.defer(move || {
-        process(&server);
+        if !c.is_muted(group) {
+            process(&server);
+        }
     });
 }
 
@@ -142,6 +148,13 @@ pub(crate) fn set_memory(key: u64, table: Arc<MemoryTable>) {
     // The ring's slots hold chunks of the old table until requests of the new one claim it;
     // once no queue holds the old table, they need not keep its memory pinned meanwhile.
     fixed::release_if_dead();
+}
+
+/// Checks a running queue's next requests against new limits (the capacity changed).
+pub(crate) fn set_limits(key: u64, limits: RequestLimits) {
+    if let Some(server) = SERVERS.with(|m| m.borrow().get(&key).cloned()) {
+        server.borrow_mut().limits = limits;
+    }
 }
 
 /// Replaces a running queue's call eventfd (SET_VRING_CALL).

@@ -54,7 +54,7 @@ pub fn run(ctx: &Context, node: &Node, req: Request) -> (BlockResult, Request) {
 pub fn write(offset: u64, data: &[u8]) -> Request {
     Request::Write {
         offset,
-        buf: Box::new(OwnedBuf::from_vec(data.to_vec())),
+        buf: Box::new(OwnedBuf::from_slice(data)),
     }
 }
 

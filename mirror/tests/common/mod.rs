@@ -45,10 +45,15 @@ pub fn on_context<R: Send + 'static>(test: impl FnOnce(&Context) -> R + Send + '
 
 /// A file of `len` bytes in /dev/shm (or the default temp dir), filled by `fill`.
 pub fn image(len: u64, fill: impl Fn(u64) -> Vec<u8>) -> tempfile::NamedTempFile {
+    image_in("/dev/shm", len, fill)
+}
+
+/// A file of `len` bytes in `dir` (or the default temp dir), filled by `fill`.
+pub fn image_in(dir: &str, len: u64, fill: impl Fn(u64) -> Vec<u8>) -> tempfile::NamedTempFile {
     use std::io::Write;
     let mut f = tempfile::Builder::new()
         .prefix("ringblk-mirror-")
-        .tempfile_in("/dev/shm")
+        .tempfile_in(dir)
         .or_else(|_| tempfile::NamedTempFile::new())
         .unwrap();
     for block in 0..len / BLOCK {
@@ -69,10 +74,15 @@ pub fn zero_image(len: u64) -> tempfile::NamedTempFile {
 }
 
 pub fn file_node(name: &str, f: &tempfile::NamedTempFile) -> Node {
+    file_node_with(name, f, false)
+}
+
+/// A file node, opened with O_DIRECT (`cache.direct=on`) if `direct`.
+pub fn file_node_with(name: &str, f: &tempfile::NamedTempFile, direct: bool) -> Node {
     let options = FileOptions {
         filename: f.path().to_owned(),
         read_only: false,
-        direct: false,
+        direct,
     };
     Node::new(name, FileNode::open(&options).unwrap())
 }
@@ -274,6 +284,8 @@ pub struct Device {
     pub handle: BackendHandle,
     pub state: Arc<DeviceState>,
     pub ring: Remote,
+    /// The mute group of its kick.
+    pub group: Group,
 }
 
 impl Device {
@@ -310,6 +322,7 @@ impl Device {
             handle: handle.clone(),
             state,
             ring: ring.clone(),
+            group,
         };
         let d = device.clone();
         ring.call(move || {
@@ -327,8 +340,8 @@ impl Device {
             let Some(w) = self.state.queue.lock().unwrap().pop_front() else {
                 break;
             };
-            // What `BackendHandle::submit` does, with the root it used recorded; the request
-            // counts as dispatched once it is submitted.
+            // Submitted through the handle, with the root of the moment recorded; the request
+            // counts as dispatched once it is submitted (a drained root parks it at the handle).
             let root = self.handle.root();
             let me = self.clone();
             let req = if w.zero {
@@ -340,10 +353,11 @@ impl Device {
             } else {
                 Request::Write {
                     offset: w.block * BLOCK,
-                    buf: Box::new(OwnedBuf::from_vec(stamp(w.block, w.generation))),
+                    buf: Box::new(OwnedBuf::from_slice(&stamp(w.block, w.generation))),
                 }
             };
-            root.submit(req, Box::new(move |result, _| me.on_complete(w, result)));
+            self.handle
+                .submit(req, Box::new(move |result, _| me.on_complete(w, result)));
             let name = root.name().to_owned();
             self.state.roots.lock().unwrap().push((w.block, name));
             self.state.dispatched.fetch_add(1, Ordering::SeqCst);
