@@ -238,6 +238,39 @@ class JobBehaviour(JobTest):
         # RingblkOnly).
         self.assertLess(await self.ready_time_s(discard="unmap"), 5)
 
+    async def block_graph(self):
+        """x-debug-query-block-graph with vertices as (type, name) instead of ids: the sorted
+        edges (name, parent, child, perm, shared-perm) and the vertices."""
+        graph = await self.execute("x-debug-query-block-graph")
+        vertices = {v["id"]: (v["type"], v["name"]) for v in graph["nodes"]}
+        edges = sorted((e["name"], vertices[e["parent"]], vertices[e["child"]],
+                        tuple(e["perm"]), tuple(e["shared-perm"])) for e in graph["edges"])
+        return edges, sorted(vertices.values())
+
+    async def test_block_graph_shows_the_export_then_the_job_and_its_filter(self):
+        await self.setup_pair()
+        all_perms = ("resize", "write-unchanged", "write", "consistent-read")
+        src, tgt = ("block-driver", "src"), ("block-driver", "tgt")
+        edges, vertices = await self.block_graph()
+        self.assertEqual(vertices, [("block-backend", ""), src, tgt])
+        self.assertEqual(edges, [("root", ("block-backend", ""), src,
+                                  ("write", "consistent-read"), all_perms)])
+        await self.mirror(speed=MiB)
+        edges, vertices = await self.block_graph()
+        job = ("block-job", "j")
+        self.assertIn(job, vertices)
+        filters = [e[2] for e in edges if e[:2] == ("main node", job)]
+        self.assertEqual(len(filters), 1, edges)
+        shared = all_perms[1:]
+        for edge in [("main node", job, filters[0], ("consistent-read",), shared),
+                     ("source", job, src, (), shared),
+                     ("target", job, tgt, (), all_perms),
+                     ("backing", filters[0], src, ("write", "consistent-read"), shared),
+                     ("root", ("block-backend", ""), filters[0], ("write", "consistent-read"),
+                      all_perms)]:
+            with self.subTest(edge=edge):
+                self.assertIn(edge, edges)
+
     async def test_cancel_before_ready_is_cancelled_and_leaves_the_export_on_the_source(self):
         await self.setup_pair()
         await self.mirror(speed=MiB)
@@ -480,6 +513,10 @@ class JobBehaviour(JobTest):
         await self.assertError("GenericError",
                                "Node 'src' is busy: block device is in use by block job: mirror",
                                "blockdev-del", {"node-name": "src"})
+        for node in ("src", "tgt"):
+            await self.assertError(
+                "GenericError", f"Node '{node}' is busy: block device is in use by block job: "
+                "mirror", "block_resize", {"node-name": node, "size": MiB})
         await self.assertError("GenericError",
                                "Job 'j' in state 'running' cannot accept command verb 'complete'",
                                "block-job-complete", {"device": "j"})
@@ -517,6 +554,31 @@ class JobBehaviour(JobTest):
         self.assertTrue(read(target_path) == source, "every write before the pivot is on the "
                         "target")
 
+
+    async def test_write_threshold_fires_once_for_the_first_write_past_it(self):
+        if not os.path.exists(BENCH):
+            self.skipTest(f"ringblk-bench not found at {BENCH} (cargo build -p ringblk-bench)")
+        await self.setup_pair()
+        await self.assertError("GenericError", "Parameter 'write-threshold' expects uint64",
+                               "block-set-write-threshold",
+                               {"node-name": "nope", "write-threshold": "x"})
+        await self.assertError("GenericError", "Device 'nope' not found",
+                               "block-set-write-threshold",
+                               {"node-name": "nope", "write-threshold": MiB})
+        args = {"node-name": "src", "write-threshold": 32 * MiB}
+        self.assertEqual(await self.execute("block-set-write-threshold", args), {})
+        nodes = {n["node-name"]: n for n in await self.execute("query-named-block-nodes")}
+        self.assertEqual(nodes["src"]["write_threshold"], 32 * MiB)
+        # One sequential writer, one request at a time: [32 MiB, 33 MiB) is the first write
+        # that ends past the threshold; the later ones find it disarmed.
+        code, output = await self.run_bench("[w]\nrw=write\nbs=1m\niodepth=1\nsize=64m\n")
+        self.assertEqual(code, 0, output)
+        self.assertEqual(await self.next_event("BLOCK_WRITE_THRESHOLD"),
+                         {"node-name": "src", "amount-exceeded": MiB,
+                          "write-threshold": 32 * MiB})
+        self.assertNotIn("BLOCK_WRITE_THRESHOLD", await self.quiet())
+        nodes = {n["node-name"]: n for n in await self.execute("query-named-block-nodes")}
+        self.assertEqual(nodes["src"]["write_threshold"], 0)
 
     async def run_bench(self, text, timeout=WAIT_S):
         """Runs ringblk-bench with the job `text` on the export; returns (exit code, output)."""

@@ -389,6 +389,44 @@ class QmpBehaviour:
             "null1": null_node("null1", 4096, 'json:{"driver": "null-co", "size": 4096}'),
         })
 
+    async def test_block_resize_grows_and_shrinks_a_file_node(self):
+        image = self.daemon.path("disk.img")
+        with open(image, "wb") as f:
+            f.truncate(1 << 20)
+        await self.execute("blockdev-add", {"driver": "file", "node-name": "disk",
+                                            "filename": image})
+        for size in (3 << 20, (1 << 20) + 100, 4096):
+            with self.subTest(size=size):
+                self.assertEqual(await self.execute("block_resize",
+                                                    {"node-name": "disk", "size": size}), {})
+                nodes = await self.execute("query-named-block-nodes")
+                # The file takes the size; QEMU counts whole 512-byte sectors.
+                self.assertEqual(os.path.getsize(image), size)
+                self.assertEqual(nodes[0]["image"]["virtual-size"], (size + 511) // 512 * 512)
+
+    async def test_block_resize_refusals_get_qsd_messages(self):
+        image = self.daemon.path("ro.img")
+        with open(image, "wb") as f:
+            f.truncate(1 << 20)
+        await self.execute("blockdev-add", {"driver": "file", "node-name": "ro",
+                                            "filename": image, "read-only": True})
+        await self.add_null("n")
+        cases = [
+            ({"node-name": "nope", "size": "x"},
+             "Invalid parameter type for 'size', expected: integer"),
+            ({"node-name": "n"}, "Parameter 'size' is missing"),
+            ({"node-name": "nope", "size": 4096}, "Cannot find device='' nor node-name='nope'"),
+            ({"device": "n", "size": 4096}, "Cannot find device='n' nor node-name=''"),
+            ({"size": 4096}, "Cannot find device='' nor node-name=''"),
+            ({"node-name": "n", "size": -1}, "Parameter 'size' expects a >0 size"),
+            ({"node-name": "n", "size": 8192}, "Image format driver does not support resize"),
+            ({"node-name": "ro", "size": 8192}, "Image is read-only"),
+        ]
+        for arguments, desc in cases:
+            with self.subTest(arguments=arguments):
+                await self.assertError("GenericError", desc, "block_resize", arguments)
+        self.assertEqual(os.path.getsize(image), 1 << 20)
+
     async def test_quit_replies_and_exits_0(self):
         self.assertEqual(await self.execute("quit"), {})
         self.assertEqual(await asyncio.to_thread(self.daemon.wait), 0)
@@ -620,6 +658,24 @@ class RingblkOnly(unittest.TestCase):
         self.assertFalse(os.path.exists(self.daemon.socket_path))
 
 
+    def test_block_resize_of_an_exported_node_without_a_frontend(self):
+        # QSD 10.0.2 dies here, without a message: its vhost-user-blk export tells a frontend
+        # that is not connected. ringblk resizes; the next frontend reads the new capacity.
+        client = self.connect()
+        client.negotiate()
+        image = self.daemon.path("disk.img")
+        with open(image, "wb") as f:
+            f.truncate(1 << 20)
+        client.execute("blockdev-add", {"driver": "file", "node-name": "disk", "filename": image})
+        client.execute("block-export-add", {"type": "vhost-user-blk", "id": "e",
+                                            "node-name": "disk", "writable": True,
+                                            "addr": {"type": "unix",
+                                                     "path": self.daemon.path("v.sock")}})
+        self.assertEqual(client.execute("block_resize", {"node-name": "disk", "size": 2 << 20}),
+                         {"return": {}})
+        self.assertEqual(os.path.getsize(image), 2 << 20)
+        self.assertEqual(client.execute("query-block-exports")["return"][0]["node-name"], "disk")
+
     def test_greeting_names_ringblk_and_matches_qsd_byte_for_byte_otherwise(self):
         client = RawClient(self.daemon.socket_path)
         raw = client.sock.recv(4096)
@@ -636,8 +692,11 @@ class RingblkOnly(unittest.TestCase):
         client.close()
         self.assertEqual(names, {
             "qmp_capabilities", "query-version", "query-commands", "quit",
-            "blockdev-add", "blockdev-del", "query-named-block-nodes",
+            "blockdev-add", "blockdev-del", "query-named-block-nodes", "block_resize",
+            "block-set-write-threshold",
             "block-export-add", "block-export-del", "query-block-exports",
+            "nbd-server-start", "nbd-server-stop",
+            "x-debug-query-block-graph",
             "object-add", "object-del",
             "blockdev-mirror", "query-block-jobs", "query-jobs",
             "block-job-complete", "block-job-cancel", "block-job-pause", "block-job-resume",

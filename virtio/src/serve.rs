@@ -160,6 +160,13 @@ pub(crate) fn set_memory(key: u64, table: Arc<MemoryTable>) {
     fixed::release_if_dead();
 }
 
+/// Checks a running queue's next requests against new limits (the capacity changed).
+pub(crate) fn set_limits(key: u64, limits: RequestLimits) {
+    if let Some(server) = SERVERS.with(|m| m.borrow().get(&key).cloned()) {
+        server.borrow_mut().limits = limits;
+    }
+}
+
 /// Replaces a running queue's call eventfd (SET_VRING_CALL).
 pub(crate) fn set_call(key: u64, call: Option<File>) {
     if let Some(server) = SERVERS.with(|m| m.borrow().get(&key).cloned()) {
