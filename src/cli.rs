@@ -18,8 +18,9 @@ use serde_json::Value;
 
 use crate::keyval::{self, KeyvalError, QemuOpt};
 use crate::options::{
-    BlockdevOptions, CHARDEV_HELP, CHARDEV_SOCKET_HELP, ChardevOptions, ExportOptions, Form,
-    IOTHREAD_HELP, MonitorOptions, OBJECT_HELP, ObjectOptions, OptionsError,
+    BlockdevOptions, CHARDEV_HELP, CHARDEV_SOCKET_HELP, ChardevOptions, ExportKind, ExportOptions,
+    Form, IOTHREAD_HELP, MonitorOptions, NbdServerOptions, OBJECT_HELP, ObjectOptions,
+    OptionsError,
 };
 
 /// The qemu-storage-daemon release whose command line and messages ringblk follows.
@@ -50,6 +51,11 @@ qemu-storage-daemon, for the subset below.
                          a node without storage: writes are dropped; reads
                          return zeroes with read-zeroes=on, undefined data
                          otherwise (the default); size defaults to 1 GiB
+  --blockdev [driver=]nbd,node-name=<N>,server.type=unix,server.path=<path>
+             |server.type=inet,server.host=<host>,server.port=<port>
+             [,export=<name>][,open-timeout=<seconds>][,read-only=on|off]
+                         an export on an NBD server (qemu-nbd, QSD, ringblk):
+                         a mirror target for live storage migration
 
   --chardev socket,id=<id>,path=<socket-path>,server=on,wait=off
                          a UNIX socket listening for QMP clients, for --monitor
@@ -65,8 +71,21 @@ qemu-storage-daemon, for the subset below.
                          served by the i-th iothread listed, round robin (a list
                          is ringblk's extension; QSD 10.0 takes one iothread)
 
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+           [,description=<text>][,writable=on|off][,iothread=<id>]
+                         export the node on the --nbd-server (name defaults to
+                         the node name)
+
+  --nbd-server addr.type=unix,addr.path=<path>[,max-connections=<n>]
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,max-...]
+                         the NBD server that serves the nbd exports
+
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
-                         configure a QMP monitor
+                         configure a QMP monitor. QSD serves one client at a
+                         time per monitor (a second waits, unanswered, until
+                         the first disconnects); ringblk serves several at
+                         once, each with its own negotiation, all getting the
+                         events (ringblk's extension)
 
   --object help          list object types that can be added
   --object <type>,help   list properties for the given object type
@@ -86,8 +105,8 @@ Booleans are on|off (also yes|no, true|false, y|n); numbers are C integers;
 sizes take k, M, G... suffixes.
 
 Refused with an error, although qemu-storage-daemon has them:
-  --daemonize, --nbd-server, -T/--trace; block drivers other than file and
-  null-co; export types other than vhost-user-blk; object types other than
+  --daemonize, -T/--trace; block drivers other than file, null-co and nbd;
+  export types other than vhost-user-blk and nbd; object types other than
   iothread; chardev backends other than socket, and server=off or wait=on;
   auto-read-only=on, detect-zeroes=on|unmap, active=off, pr-manager,
   locking=on; export writethrough=on, fixed-iothread=on, allow-inactive=on,
@@ -113,6 +132,8 @@ pub enum CliItem {
     Export(ExportOptions),
     /// `--monitor`.
     Monitor(MonitorOptions),
+    /// `--nbd-server`.
+    NbdServer(NbdServerOptions),
     /// `--object`.
     Object(ObjectOptions),
 }
@@ -183,15 +204,17 @@ enum ItemOption {
     Chardev,
     Export,
     Monitor,
+    NbdServer,
     Object,
 }
 
 impl ItemOption {
-    const ALL: [ItemOption; 5] = [
+    const ALL: [ItemOption; 6] = [
         ItemOption::Blockdev,
         ItemOption::Chardev,
         ItemOption::Export,
         ItemOption::Monitor,
+        ItemOption::NbdServer,
         ItemOption::Object,
     ];
 
@@ -201,6 +224,7 @@ impl ItemOption {
             ItemOption::Chardev => "chardev",
             ItemOption::Export => "export",
             ItemOption::Monitor => "monitor",
+            ItemOption::NbdServer => "nbd-server",
             ItemOption::Object => "object",
         }
     }
@@ -211,28 +235,26 @@ impl ItemOption {
             ItemOption::Chardev => "--chardev",
             ItemOption::Export => "--export",
             ItemOption::Monitor => "--monitor",
+            ItemOption::NbdServer => "--nbd-server",
             ItemOption::Object => "--object",
         }
     }
 
     /// The key a first value without `=` stands for (QSD's implied keys).
-    fn implied_key(self) -> &'static str {
+    fn implied_key(self) -> Option<&'static str> {
         match self {
-            ItemOption::Blockdev => "driver",
-            ItemOption::Chardev => "backend",
-            ItemOption::Export => "type",
-            ItemOption::Monitor => "chardev",
-            ItemOption::Object => "qom-type",
+            ItemOption::Blockdev => Some("driver"),
+            ItemOption::Chardev => Some("backend"),
+            ItemOption::Export => Some("type"),
+            ItemOption::Monitor => Some("chardev"),
+            ItemOption::NbdServer => None,
+            ItemOption::Object => Some("qom-type"),
         }
     }
 }
 
 /// Options QSD has that ringblk refuses; each entry is (clap id, as written).
-const REFUSED: [(&str, &str); 3] = [
-    ("daemonize", "--daemonize"),
-    ("nbd-server", "--nbd-server"),
-    ("trace", "-T/--trace"),
-];
+const REFUSED: [(&str, &str); 2] = [("daemonize", "--daemonize"), ("trace", "-T/--trace")];
 
 fn command() -> Command {
     let flag = |id: &'static str| Arg::new(id).long(id).action(ArgAction::SetTrue);
@@ -260,7 +282,6 @@ fn command() -> Command {
                 .value_parser(clap::value_parser!(PathBuf)),
         )
         .arg(flag("daemonize"))
-        .arg(repeated("nbd-server"))
         .arg(repeated("trace").short('T'))
         .subcommand(
             Command::new("demo").disable_help_flag(true).arg(
@@ -364,7 +385,7 @@ enum Parsed {
 
 fn parse_item(option: ItemOption, arg: &str) -> Result<Parsed, ItemError> {
     if option == ItemOption::Chardev {
-        let opts = keyval::parse_qemu_opts(arg, option.implied_key());
+        let opts = keyval::parse_qemu_opts(arg, "backend");
         if opts.help {
             let socket = opts
                 .opts
@@ -384,7 +405,7 @@ fn parse_item(option: ItemOption, arg: &str) -> Result<Parsed, ItemError> {
     let (value, form) = if arg.starts_with('{') {
         (Value::Object(keyval::parse_json(arg)?), Form::Json)
     } else {
-        let parsed = keyval::parse(arg, Some(option.implied_key()))?;
+        let parsed = keyval::parse(arg, option.implied_key())?;
         if parsed.help {
             if option != ItemOption::Object {
                 return Err(ItemError::NoHelp);
@@ -400,6 +421,9 @@ fn parse_item(option: ItemOption, arg: &str) -> Result<Parsed, ItemError> {
         ItemOption::Export => CliItem::Export(ExportOptions::from_value(&value, form)?),
         ItemOption::Monitor => CliItem::Monitor(MonitorOptions::from_value(&value, form)?),
         ItemOption::Object => CliItem::Object(ObjectOptions::from_value(&value, form)?),
+        ItemOption::NbdServer => {
+            CliItem::NbdServer(NbdServerOptions::from_value(&value, form, false)?)
+        }
         ItemOption::Chardev => unreachable!("handled above"),
     };
     Ok(Parsed::Item(item))
@@ -415,6 +439,7 @@ struct Registry {
     chardevs: HashSet<String>,
     /// Chardevs a monitor already uses.
     monitored: HashSet<String>,
+    nbd_server: bool,
 }
 
 impl Registry {
@@ -452,7 +477,15 @@ impl Registry {
                 if export.writable && read_only {
                     return Err("Cannot export read-only node as writable".to_owned());
                 }
+                if matches!(export.kind, ExportKind::Nbd(_)) && !self.nbd_server {
+                    return Err("NBD server not running".to_owned());
+                }
                 self.exports.insert(export.id.clone());
+            }
+            CliItem::NbdServer(_) => {
+                if std::mem::replace(&mut self.nbd_server, true) {
+                    return Err("NBD server already running".to_owned());
+                }
             }
             CliItem::Object(object) => {
                 if !self.iothreads.insert(object.id.clone()) {
@@ -570,6 +603,7 @@ mod tests {
                 CliItem::Chardev(_) => "chardev",
                 CliItem::Export(_) => "export",
                 CliItem::Monitor(_) => "monitor",
+                CliItem::NbdServer(_) => "nbd-server",
             })
             .collect();
         assert_eq!(
@@ -691,10 +725,6 @@ mod tests {
         assert_eq!(
             error(&["--daemonize"]),
             "--daemonize is not supported by ringblk"
-        );
-        assert_eq!(
-            error(&["--nbd-server", "addr.type=unix,addr.path=/s"]),
-            "--nbd-server is not supported by ringblk"
         );
         assert_eq!(
             error(&["-T", "foo"]),
@@ -919,6 +949,7 @@ mod tests {
             "--chardev",
             "--export",
             "--monitor",
+            "--nbd-server",
             "--object",
             "--pidfile",
             "--help",

@@ -84,6 +84,7 @@ fn start(daemon: &RefCell<Daemon>, qmp: &QmpServer, config: &Config) -> Result<(
             CliItem::Export(options) => daemon.borrow_mut().add_export(options),
             CliItem::Chardev(options) => qmp.add_chardev(options),
             CliItem::Monitor(options) => qmp.add_monitor(options),
+            CliItem::NbdServer(options) => daemon.borrow_mut().nbd_server_start(options),
         };
         result.map_err(|e| format!("{given}: {e}"))?;
     }

@@ -37,6 +37,9 @@ use serde_json::{Map, Value};
 
 use crate::keyval::QemuOpt;
 
+mod nbd;
+pub use nbd::{BlockExportOptionsNbd, BlockdevOptionsNbd, NbdServerOptions};
+
 /// Where an option's JSON object came from; decides how scalars are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Form {
@@ -221,6 +224,8 @@ pub enum BlockdevDriver {
     File(BlockdevOptionsFile),
     /// `null-co`: no storage; reads return nothing useful unless `read_zeroes`.
     NullCo(BlockdevOptionsNull),
+    /// `nbd`: an export on an NBD server.
+    Nbd(BlockdevOptionsNbd),
 }
 
 /// QAPI's `BlockdevAioOptions`. ringblk always does I/O with io_uring; the requested mode is
@@ -330,20 +335,20 @@ impl BlockdevOptions {
         let input = Input::root(value, form);
         let union = split_union::<BlockdevBaseWire>(&input, "driver")?;
         match union.tag.as_str() {
-            "file" | "null-co" => {}
+            "file" | "null-co" | "nbd" => {}
             other if QAPI_BLOCKDEV_DRIVERS.contains(&other) => {
                 return Err(OptionsError::unsupported(
                     &format!("driver={other}"),
-                    "supported: file, null-co",
+                    "supported: file, null-co, nbd",
                 ));
             }
             other => return Err(OptionsError::bad_value("driver", other)),
         }
         let base = union.base()?;
-        let driver = if union.tag == "file" {
-            BlockdevDriver::File(union.variant::<BlockdevFileWire>()?.check(&base)?)
-        } else {
-            BlockdevDriver::NullCo(union.variant::<BlockdevNullWire>()?.check()?)
+        let driver = match union.tag.as_str() {
+            "file" => BlockdevDriver::File(union.variant::<BlockdevFileWire>()?.check(&base)?),
+            "nbd" => BlockdevDriver::Nbd(union.variant::<nbd::BlockdevNbdWire>()?.check(&input)?),
+            _ => BlockdevDriver::NullCo(union.variant::<BlockdevNullWire>()?.check()?),
         };
         let Some(node_name) = base.node_name else {
             return Err(OptionsError::new(
@@ -478,6 +483,8 @@ pub struct ExportOptions {
 pub enum ExportKind {
     /// `vhost-user-blk`.
     VhostUserBlk(BlockExportOptionsVhostUserBlk),
+    /// `nbd`, on the daemon's NBD server.
+    Nbd(BlockExportOptionsNbd),
 }
 
 /// QAPI's `BlockExportOptionsVhostUserBlk`.
@@ -567,41 +574,27 @@ impl ExportOptions {
         let input = Input::root(value, form);
         let union = split_union::<ExportBaseWire>(&input, "type")?;
         match union.tag.as_str() {
-            "vhost-user-blk" => {}
-            other @ ("nbd" | "fuse" | "vduse-blk") => {
+            "vhost-user-blk" | "nbd" => {}
+            other @ ("fuse" | "vduse-blk") => {
                 return Err(OptionsError::unsupported(
                     &format!("type={other}"),
-                    "supported: vhost-user-blk",
+                    "supported: vhost-user-blk, nbd",
                 ));
             }
             other => return Err(OptionsError::bad_value("type", other)),
         }
         let base = union.base()?;
-        let wire = union.variant::<VhostUserBlkWire>()?;
-        let addr = SocketAddress::from_input(&input.child("addr", &wire.addr))?;
+        let kind = if union.tag == "nbd" {
+            ExportKind::Nbd(union.variant::<nbd::ExportNbdWire>()?.check()?)
+        } else {
+            Self::vhost_user_blk(&input, &union)?
+        };
         if base.allow_inactive {
             return Err(OptionsError::unsupported(
                 "allow-inactive=on",
                 "Export type does not support inactive exports",
             ));
         }
-        if wire.num_queues == 0 {
-            return Err(OptionsError::invalid("num-queues must be greater than 0"));
-        }
-        let size = wire.logical_block_size;
-        if !size.is_power_of_two()
-            || !(LOGICAL_BLOCK_SIZE_MIN..=LOGICAL_BLOCK_SIZE_MAX).contains(&size)
-        {
-            return Err(OptionsError::invalid(format!(
-                "parameter logical-block-size must be a power of 2 between \
-                 {LOGICAL_BLOCK_SIZE_MIN} and {LOGICAL_BLOCK_SIZE_MAX}"
-            )));
-        }
-        let kind = ExportKind::VhostUserBlk(BlockExportOptionsVhostUserBlk {
-            addr,
-            logical_block_size: size,
-            num_queues: wire.num_queues,
-        });
         if !id_wellformed(&base.id) {
             return Err(OptionsError::invalid("Invalid block export id"));
         }
@@ -618,6 +611,31 @@ impl ExportOptions {
             iothread: iothreads(base.iothread)?,
             kind,
         })
+    }
+
+    fn vhost_user_blk(
+        input: &Input<'_>,
+        union: &Union<ExportBaseWire>,
+    ) -> Result<ExportKind, OptionsError> {
+        let wire = union.variant::<VhostUserBlkWire>()?;
+        let addr = SocketAddress::from_input(&input.child("addr", &wire.addr))?;
+        if wire.num_queues == 0 {
+            return Err(OptionsError::invalid("num-queues must be greater than 0"));
+        }
+        let size = wire.logical_block_size;
+        if !size.is_power_of_two()
+            || !(LOGICAL_BLOCK_SIZE_MIN..=LOGICAL_BLOCK_SIZE_MAX).contains(&size)
+        {
+            return Err(OptionsError::invalid(format!(
+                "parameter logical-block-size must be a power of 2 between \
+                 {LOGICAL_BLOCK_SIZE_MIN} and {LOGICAL_BLOCK_SIZE_MAX}"
+            )));
+        }
+        Ok(ExportKind::VhostUserBlk(BlockExportOptionsVhostUserBlk {
+            addr,
+            logical_block_size: size,
+            num_queues: wire.num_queues,
+        }))
     }
 }
 
@@ -1726,8 +1744,10 @@ mod tests {
     }
 
     fn vhost_user_blk(input: &str) -> BlockExportOptionsVhostUserBlk {
-        let ExportKind::VhostUserBlk(options) = export(input).unwrap().kind;
-        options
+        match export(input).unwrap().kind {
+            ExportKind::VhostUserBlk(options) => options,
+            other => panic!("not vhost-user-blk: {other:?}"),
+        }
     }
 
     const EXPORT: &str = "vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=/tmp/s";
@@ -1975,7 +1995,7 @@ mod tests {
         let unsupported = [
             (
                 err(blockdev("qcow2,node-name=n")),
-                "'driver=qcow2' is not supported by ringblk (supported: file, null-co)",
+                "'driver=qcow2' is not supported by ringblk (supported: file, null-co, nbd)",
             ),
             (
                 err(blockdev("null-co,node-name=n,detect-zeroes=on")),
@@ -1998,8 +2018,8 @@ mod tests {
                 "'pr-manager=p' is not supported by ringblk",
             ),
             (
-                err(export("nbd,id=e,node-name=n")),
-                "'type=nbd' is not supported by ringblk (supported: vhost-user-blk)",
+                err(export("fuse,id=e,node-name=n")),
+                "'type=fuse' is not supported by ringblk (supported: vhost-user-blk, nbd)",
             ),
             (
                 err(export(&format!("{EXPORT},writethrough=on"))),

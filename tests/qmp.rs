@@ -1,8 +1,8 @@
 //! Runs the QMP tests of `tests/qmp/` (the real `qemu.qmp` client and raw sockets against the
 //! ringblk binary, and against qemu-storage-daemon where it is installed): `test_qmp.py` for the
 //! protocol and the node and export commands, `test_jobs.py` for blockdev-mirror and the job
-//! commands. Without python3 or `qemu.qmp` each test prints one `SKIP:` line saying what is
-//! missing.
+//! commands, `test_resize_guest.py` for a block_resize a real guest sees. Without python3 or
+//! `qemu.qmp` each test prints one `SKIP:` line saying what is missing.
 
 use std::path::Path;
 use std::process::Command;
@@ -34,6 +34,12 @@ fn run_python_suite(script: &str) {
     let report = String::from_utf8_lossy(&output.stderr);
     println!("{report}");
     assert!(output.status.success(), "{script} failed:\n{report}");
+}
+
+/// Needs QEMU and the built guest (tests/guest/build.sh); skips with a SKIP line without them.
+#[test]
+fn a_guest_sees_block_resize() {
+    run_python_suite("test_resize_guest.py");
 }
 
 #[test]

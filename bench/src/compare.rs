@@ -1,5 +1,7 @@
 //! `compare`: the same profile against two daemons started with identical arguments, pinned
 //! (daemon on one CPU, generator on another), alternating A B A B; medians and ratios A/B.
+//! Unless `--wait-mode` picks one, each wait mode gets its own runs and table: first `event`
+//! (the generator sleeps on the call eventfd, as a guest does), then `poll`.
 //!
 //! Each run starts a fresh daemon and stops it afterwards, so the two never hold the same image
 //! open at once (QEMU's image locking would refuse that) and every run starts from the same state.
@@ -13,7 +15,9 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use ringblk_bench::{NOISE_CORES, Report, RunOptions, human, machine_busy_cores, run_jobs};
+use ringblk_bench::{
+    JobFile, NOISE_CORES, Report, RunOptions, WaitMode, human, machine_busy_cores, run_jobs,
+};
 
 use crate::{Common, load_jobs, write_json};
 
@@ -126,6 +130,12 @@ struct CompareReport {
     runs: Vec<RunRecord>,
 }
 
+/// What `--json` writes: a report per wait mode, in the order they ran.
+#[derive(serde::Serialize)]
+struct CompareOutput {
+    modes: Vec<CompareReport>,
+}
+
 fn split_cmd(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_string).collect()
 }
@@ -180,16 +190,42 @@ pub(crate) fn main(args: &CompareArgs) -> Result<bool, String> {
         }
     }
 
+    let modes = match args.common.wait_mode {
+        Some(mode) => vec![mode],
+        None => vec![WaitMode::Event, WaitMode::Poll],
+    };
+    let mut out = CompareOutput { modes: Vec::new() };
+    for mode in modes {
+        out.modes
+            .push(compare_mode(args, &file, &sides, &node, mode)?);
+    }
+    if let Some(path) = &args.common.json {
+        write_json(path, &out)?;
+    }
+    Ok(out
+        .modes
+        .iter()
+        .all(|m| m.runs.iter().all(|r| r.report.passed())))
+}
+
+/// The A B A B runs in one wait mode, their medians and ratios, printed as a table.
+fn compare_mode(
+    args: &CompareArgs,
+    file: &JobFile,
+    sides: &[Side; 2],
+    node: &str,
+    mode: WaitMode,
+) -> Result<CompareReport, String> {
     let mut records: Vec<RunRecord> = Vec::new();
     for run in 1..=args.runs {
-        for s in &sides {
+        for s in sides {
             let mut attempt = 0;
             let report = loop {
                 settle(Duration::from_secs(args.settle));
                 let daemon =
-                    Daemon::start(s, &args.blockdev, &node, args.daemon_cpu, !args.main_loop)?;
+                    Daemon::start(s, &args.blockdev, node, args.daemon_cpu, !args.main_loop)?;
                 let opts = RunOptions {
-                    wait_mode: args.common.wait_mode,
+                    wait_mode: mode,
                     cpus: vec![args.generator_cpu],
                     backend_pid: Some(daemon.pid()),
                     progress: !args.common.no_progress,
@@ -200,7 +236,7 @@ pub(crate) fn main(args: &CompareArgs) -> Result<bool, String> {
                 let others = others_cores(&report);
                 let disturbed = others > NOISE_CORES;
                 println!(
-                    "run {run} {:<10} {:>8} IOPS  p50 {:>7.1} us  daemon {:>6} us/IO  generator {:.2} us/IO ({:.2} busy)  others {:>3.0}%{}{}",
+                    "run {run} {mode:<5} {:<10} {:>8} IOPS  p50 {:>7.1} us  daemon {:>6} us/IO  generator {:.2} us/IO ({:.2} busy)  others {:>3.0}%{}{}",
                     s.name,
                     human(report.total.iops),
                     report.total.lat_us.p50,
@@ -266,7 +302,7 @@ pub(crate) fn main(args: &CompareArgs) -> Result<bool, String> {
     let profile = args.profile.display().to_string();
     println!();
     println!(
-        "{profile}: medians of {} runs each, daemon on CPU {}, generator on CPU {}",
+        "{profile}, wait mode {mode}: medians of {} runs each, daemon on CPU {}, generator on CPU {}",
         args.runs, args.daemon_cpu, args.generator_cpu
     );
     println!(
@@ -309,32 +345,28 @@ pub(crate) fn main(args: &CompareArgs) -> Result<bool, String> {
         ma.others_cores * 100.0,
         mb.others_cores * 100.0
     );
-    let passed = records.iter().all(|r| r.report.passed());
     let [sa, sb] = sides;
-    let out = CompareReport {
+    println!();
+    Ok(CompareReport {
         profile,
         blockdev: args.blockdev.clone(),
         runs_per_side: args.runs,
         daemon_cpu: args.daemon_cpu,
         generator_cpu: args.generator_cpu,
-        wait_mode: args.common.wait_mode.to_string(),
+        wait_mode: mode.to_string(),
         a: SideSummary {
-            name: sa.name,
-            cmd: sa.cmd,
+            name: sa.name.clone(),
+            cmd: sa.cmd.clone(),
             median: ma,
         },
         b: SideSummary {
-            name: sb.name,
-            cmd: sb.cmd,
+            name: sb.name.clone(),
+            cmd: sb.cmd.clone(),
             median: mb,
         },
         ratio,
         runs: records,
-    };
-    if let Some(path) = &args.common.json {
-        write_json(path, &out)?;
-    }
-    Ok(passed)
+    })
 }
 
 fn others_cores(r: &Report) -> f64 {

@@ -46,9 +46,11 @@ pub(crate) struct Common {
     /// Override a job-file key in every job, e.g. `--set iodepth=1` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub(crate) overrides: Vec<String>,
-    /// How completions are waited for.
-    #[arg(long, default_value = "poll", value_name = "poll|event")]
-    pub(crate) wait_mode: WaitMode,
+    /// How completions are waited for: `poll` spins on the used ring, `event` sleeps on the call
+    /// eventfd as a guest does. `run` polls unless told; `compare` runs both (event first) unless
+    /// told.
+    #[arg(long, value_name = "poll|event")]
+    pub(crate) wait_mode: Option<WaitMode>,
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub(crate) json: Option<PathBuf>,
@@ -106,7 +108,7 @@ fn run(
 ) -> Result<bool, String> {
     let file = load_jobs(jobfile, &common.overrides)?;
     let opts = RunOptions {
-        wait_mode: common.wait_mode,
+        wait_mode: common.wait_mode.unwrap_or(WaitMode::Poll),
         cpus,
         backend_pid,
         progress: !common.no_progress,

@@ -393,16 +393,27 @@ fn compare_self_test_runs_qsd_against_itself() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("qsd-a/qsd-b"), "{stdout}");
+    // Both wait modes by default, event first, each table saying which it is.
+    let event_table = stdout.find("wait mode event").expect("an event-mode table");
+    let poll_table = stdout.find("wait mode poll").expect("a poll-mode table");
+    assert!(event_table < poll_table, "{stdout}");
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(v["runs"].as_array().unwrap().len(), 4);
-    let sides: Vec<&str> = v["runs"]
-        .as_array()
-        .unwrap()
+    let modes = v["modes"].as_array().unwrap();
+    let names: Vec<&str> = modes
         .iter()
-        .map(|r| r["side"].as_str().unwrap())
+        .map(|m| m["wait_mode"].as_str().unwrap())
         .collect();
-    assert_eq!(sides, ["qsd-a", "qsd-b", "qsd-a", "qsd-b"]);
-    assert!(v["ratio"]["iops"].as_f64().unwrap() > 0.0);
-    assert!(v["a"]["median"]["daemon_cpu_us_per_io"].as_f64().unwrap() > 0.0);
+    assert_eq!(names, ["event", "poll"]);
+    for m in modes {
+        let sides: Vec<&str> = m["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["side"].as_str().unwrap())
+            .collect();
+        assert_eq!(sides, ["qsd-a", "qsd-b", "qsd-a", "qsd-b"]);
+        assert!(m["ratio"]["iops"].as_f64().unwrap() > 0.0);
+        assert!(m["a"]["median"]["daemon_cpu_us_per_io"].as_f64().unwrap() > 0.0);
+    }
 }

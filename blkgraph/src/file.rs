@@ -24,6 +24,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
@@ -48,7 +49,8 @@ pub struct FileOptions {
 /// The file driver.
 pub struct FileNode {
     file: File,
-    size: u64,
+    /// Changes only at `truncate`, on the main context; read by every request's range check.
+    size: AtomicU64,
     read_only: bool,
     alignment: DirectAlignment,
     /// The last data extent block status found (empty: none).
@@ -87,7 +89,7 @@ impl FileNode {
         };
         Ok(FileNode {
             file,
-            size,
+            size: AtomicU64::new(size),
             read_only: options.read_only,
             alignment,
             data_extent: Mutex::new(0..0),
@@ -190,7 +192,22 @@ impl Driver for FileNode {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// `ftruncate`, as QEMU's file driver does for a regular file (shrinking too); a block
+    /// device's size is not the node's to change. Errors read like QSD's.
+    fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        let kind = self.file.metadata()?.file_type();
+        if !kind.is_file() {
+            return Err(BlockError::NotSupported);
+        }
+        self.file.set_len(size).map_err(|e| {
+            io::Error::new(e.kind(), format!("Could not resize file: {}", strip_os(&e)))
+        })?;
+        self.forget_data_extent();
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
     }
 
     fn limits(&self) -> Limits {

@@ -36,5 +36,5 @@ pub mod testing;
 pub use drain::{Drained, drained_begin};
 pub use error::{BlockError, BlockResult};
 pub use handle::{BackendHandle, MuteTarget};
-pub use node::{Contents, Driver, Extent, Limits, Node};
+pub use node::{Contents, Driver, Extent, Limits, Node, WriteThresholdHit};
 pub use request::{Done, Request};

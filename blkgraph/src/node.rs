@@ -11,7 +11,7 @@
 //! root a pivot may have changed meanwhile (design invariant 7), anything else at the node.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use ringblk_ring::{Context, InFlight, Remote};
@@ -57,6 +57,11 @@ pub trait Driver: Send + Sync + 'static {
     }
     /// Performs `req` and calls `done` on this context when it completes.
     fn submit(&self, req: Request, done: Done);
+    /// Changes the size to `size` bytes (QMP `block_resize`); the default cannot.
+    fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        let _ = size;
+        Err(BlockError::NotSupported)
+    }
     /// What `[offset, offset + len)` (inside the node, `len > 0`) starts with: data, or a run
     /// known to read as zeroes, and how long that run is. A metadata lookup that returns at
     /// once (QEMU's block-status); the default knows nothing, so everything is data.
@@ -97,7 +102,14 @@ pub(crate) struct NodeInner {
     pub(crate) handles: Mutex<Vec<Weak<HandleInner>>>,
     /// Nodes that have this node as a child (touched only on the control path).
     parents: Mutex<Vec<Weak<NodeInner>>>,
+    /// The first write ending past this offset calls `threshold_hit` and disarms it (0: off).
+    write_threshold: AtomicU64,
+    threshold_hit: Mutex<Option<WriteThresholdHit>>,
 }
+
+/// Called, on the writer's context, with the bytes by which a write went past the threshold
+/// and the threshold (QEMU's BLOCK_WRITE_THRESHOLD `amount-exceeded`, `write-threshold`).
+pub type WriteThresholdHit = Box<dyn FnOnce(u64, u64) + Send>;
 
 /// A node of the block graph. Cheap to clone (shared), usable from any context.
 #[derive(Clone)]
@@ -136,6 +148,8 @@ impl Node {
             parked_on: Mutex::new(Vec::new()),
             handles: Mutex::new(Vec::new()),
             parents: Mutex::new(Vec::new()),
+            write_threshold: AtomicU64::new(0),
+            threshold_hit: Mutex::new(None),
         }));
         for child in node.children() {
             child
@@ -171,6 +185,16 @@ impl Node {
     /// Whether write-type requests are refused.
     pub fn read_only(&self) -> bool {
         self.0.driver.read_only()
+    }
+
+    /// Changes the size to `size` bytes (`block_resize`): refused on a read-only node, and by
+    /// drivers whose size is fixed. Requests are checked against the new size from then on;
+    /// whoever shows the size to a guest (an export) must be told by the caller.
+    pub fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        if self.read_only() {
+            return Err(BlockError::ReadOnly);
+        }
+        self.0.driver.truncate(size)
     }
 
     /// What `[offset, offset + len)` starts with, and for how long ([`Driver::block_status`]).
@@ -241,6 +265,40 @@ impl Node {
             .collect()
     }
 
+    /// `block-set-write-threshold`: the first write-type request (write, write zeroes,
+    /// discard) that ends past `threshold` bytes calls `hit` and disarms it, as QEMU checks
+    /// when a write starts. 0 disarms.
+    pub fn set_write_threshold(&self, threshold: u64, hit: WriteThresholdHit) {
+        *self.0.threshold_hit.lock().unwrap() = (threshold > 0).then_some(hit);
+        self.0.write_threshold.store(threshold, Ordering::SeqCst);
+    }
+
+    /// The armed write threshold (0: none).
+    pub fn write_threshold(&self) -> u64 {
+        self.0.write_threshold.load(Ordering::Relaxed)
+    }
+
+    /// One relaxed load per write while no threshold is armed.
+    fn check_write_threshold(&self, req: &Request) {
+        let threshold = self.0.write_threshold.load(Ordering::Relaxed);
+        if threshold == 0 || !req.is_write() {
+            return;
+        }
+        let Some((offset, len)) = req.range() else {
+            return;
+        };
+        let end = offset.saturating_add(len);
+        let disarmed = end > threshold
+            && self
+                .0
+                .write_threshold
+                .compare_exchange(threshold, 0, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok();
+        if disarmed && let Some(hit) = self.0.threshold_hit.lock().unwrap().take() {
+            hit(end - threshold, threshold);
+        }
+    }
+
     /// Submits a request on the current context. While the node is drained the request waits at
     /// the gate and runs after the last `drained_end`.
     pub fn submit(&self, req: Request, done: Done) {
@@ -271,6 +329,7 @@ impl Node {
     }
 
     fn perform(&self, req: Request, done: Done) {
+        self.check_write_threshold(&req);
         let node = self.clone();
         let done: Done = Box::new(move |result, req| {
             done(result, req);

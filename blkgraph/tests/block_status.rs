@@ -184,3 +184,44 @@ fn a_hole_punched_inside_a_known_data_extent_is_seen() {
         }
     });
 }
+
+#[test]
+fn truncate_moves_the_end_that_block_status_and_requests_are_checked_against() {
+    let (f, node) = sparse_file();
+    node.truncate(2 * SIZE).unwrap();
+    assert_eq!(node.size(), 2 * SIZE);
+    assert_eq!(f.as_file().metadata().unwrap().len(), 2 * SIZE);
+    assert_eq!(
+        node.block_status(SIZE, SIZE).unwrap(),
+        extent(Contents::Zero, SIZE),
+        "the grown part reads as zeroes"
+    );
+    node.truncate(96 * KIB).unwrap();
+    assert_eq!(
+        node.block_status(64 * KIB, 32 * KIB).unwrap(),
+        extent(Contents::Data, 32 * KIB),
+        "the remembered data extent ends at the new end"
+    );
+    assert!(matches!(
+        node.block_status(96 * KIB, 4 * KIB),
+        Err(BlockError::OutOfRange { .. })
+    ));
+}
+
+#[test]
+fn truncate_is_refused_by_read_only_and_fixed_size_nodes() {
+    let (f, _) = sparse_file();
+    let options = FileOptions {
+        filename: f.path().to_owned(),
+        read_only: true,
+        direct: false,
+    };
+    let read_only = Node::new("ro", FileNode::open(&options).unwrap());
+    assert!(matches!(
+        read_only.truncate(SIZE / 2),
+        Err(BlockError::ReadOnly)
+    ));
+    let null = Node::new("null", NullCo::new(NullOptions::default()));
+    assert!(matches!(null.truncate(SIZE), Err(BlockError::NotSupported)));
+    assert_eq!(f.as_file().metadata().unwrap().len(), SIZE);
+}

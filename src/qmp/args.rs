@@ -96,6 +96,30 @@ impl Arguments {
             .ok_or_else(|| QmpError::generic(format!("Parameter '{name}' is missing")))
     }
 
+    /// A mandatory QAPI `uint64` member, read as QEMU's input visitor reads one: a negative
+    /// integer wraps around (-1 is 2^64 - 1), anything else not an integer "expects uint64".
+    pub fn uint64(&mut self, name: &str) -> Result<u64, QmpError> {
+        match self.0.remove(name) {
+            None => Err(QmpError::generic(format!("Parameter '{name}' is missing"))),
+            Some(Value::Number(n)) if n.is_u64() => Ok(n.as_u64().unwrap_or_default()),
+            Some(Value::Number(n)) if n.is_i64() => {
+                Ok(n.as_i64().unwrap_or_default().cast_unsigned())
+            }
+            Some(_) => Err(QmpError::generic(format!(
+                "Parameter '{name}' expects uint64"
+            ))),
+        }
+    }
+
+    /// A mandatory signed integer member (QAPI `int`).
+    pub fn i64(&mut self, name: &str) -> Result<i64, QmpError> {
+        match self.0.remove(name) {
+            None => Err(QmpError::generic(format!("Parameter '{name}' is missing"))),
+            Some(Value::Number(n)) => n.as_i64().ok_or_else(|| type_error(name, "integer")),
+            Some(_) => Err(type_error(name, "integer")),
+        }
+    }
+
     /// An optional list of an enum type whose values are `values`; absent is empty.
     pub fn optional_enum_list(
         &mut self,

@@ -14,11 +14,11 @@ use serde_json::{Map, Value, json};
 
 use super::QmpError;
 use super::args::Arguments;
-use super::events::Events;
+use super::events::{self, Events};
 use super::jobs;
 use crate::cli::QSD_VERSION;
 use crate::daemon::Daemon;
-use crate::options::{BlockdevOptions, ExportOptions, Form, ObjectOptions};
+use crate::options::{BlockdevOptions, ExportOptions, Form, NbdServerOptions, ObjectOptions};
 
 /// What commands act on. One per daemon, shared by every monitor; borrowed by one handler at a
 /// time (QMP sockets are muted while a command runs).
@@ -43,9 +43,14 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("blockdev-add", blockdev_add),
     ("blockdev-del", blockdev_del),
     ("query-named-block-nodes", query_named_block_nodes),
+    ("block_resize", block_resize),
+    ("block-set-write-threshold", block_set_write_threshold),
     ("block-export-add", block_export_add),
     ("block-export-del", block_export_del),
     ("query-block-exports", query_block_exports),
+    ("nbd-server-start", nbd_server_start),
+    ("nbd-server-stop", nbd_server_stop),
+    ("x-debug-query-block-graph", x_debug_query_block_graph),
     ("object-add", object_add),
     ("object-del", object_del),
     ("blockdev-mirror", jobs::blockdev_mirror),
@@ -163,6 +168,61 @@ fn query_named_block_nodes(
     Ok(state.daemon.borrow().query_named_block_nodes())
 }
 
+/// `block_resize`: the node grows or shrinks and every export serving it tells its frontend,
+/// so a vhost-user-blk guest sees the new capacity at once. QSD has no block backends, so a
+/// `device` never names anything and only `node-name` finds a node; the checks come in QSD's
+/// order and words.
+fn block_resize(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+    let mut args = Arguments::new(arguments);
+    let device = args.optional_string("device")?;
+    let node_name = args.optional_string("node-name")?;
+    let size = args.i64("size")?;
+    args.finish()?;
+    let mut daemon = state.daemon.borrow_mut();
+    let name = node_name
+        .as_deref()
+        .filter(|name| daemon.node(name).is_ok())
+        .ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{}' nor node-name='{}'",
+                device.as_deref().unwrap_or_default(),
+                node_name.as_deref().unwrap_or_default()
+            ))
+        })?;
+    let size =
+        u64::try_from(size).map_err(|_| QmpError::generic("Parameter 'size' expects a >0 size"))?;
+    daemon.resize_node(name, size)?;
+    Ok(json!({}))
+}
+
+/// `block-set-write-threshold`: the first write to the node that ends past the threshold
+/// sends BLOCK_WRITE_THRESHOLD and disarms it; 0 disarms.
+fn block_set_write_threshold(
+    state: &mut State,
+    arguments: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let mut args = Arguments::new(arguments);
+    let node_name = args.string("node-name")?;
+    let threshold = args.uint64("write-threshold")?;
+    args.finish()?;
+    let daemon = state.daemon.borrow();
+    let node = daemon
+        .node(&node_name)
+        .map_err(|_| QmpError::generic(format!("Device '{node_name}' not found")))?;
+    let main = state.main.clone();
+    let name = node_name.clone();
+    let hit = move |amount_exceeded: u64, threshold: u64| {
+        let data = json!({
+            "node-name": name,
+            "amount-exceeded": amount_exceeded,
+            "write-threshold": threshold,
+        });
+        events::post(&main, "BLOCK_WRITE_THRESHOLD", data);
+    };
+    node.set_write_threshold(threshold, Box::new(hit));
+    Ok(json!({}))
+}
+
 /// The checks QSD makes before the daemon's own, with QSD's wording: the id is free, the node
 /// exists, a writable export is not of a read-only node.
 fn block_export_add(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {
@@ -210,6 +270,32 @@ fn query_block_exports(
 ) -> Result<Value, QmpError> {
     no_arguments(arguments)?;
     Ok(state.daemon.borrow().query_block_exports())
+}
+
+fn nbd_server_start(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+    let options = NbdServerOptions::from_value(&Value::Object(arguments), Form::Json, true)?;
+    state.daemon.borrow_mut().nbd_server_start(&options)?;
+    Ok(json!({}))
+}
+
+/// Stops the server; its exports go away with it, each with its `BLOCK_EXPORT_DELETED`.
+fn nbd_server_stop(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+    no_arguments(arguments)?;
+    let ids = state.daemon.borrow_mut().nbd_server_stop()?;
+    for id in ids {
+        state
+            .events
+            .emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
+    }
+    Ok(json!({}))
+}
+
+fn x_debug_query_block_graph(
+    state: &mut State,
+    arguments: Map<String, Value>,
+) -> Result<Value, QmpError> {
+    no_arguments(arguments)?;
+    Ok(state.daemon.borrow().block_graph())
 }
 
 fn object_add(state: &mut State, arguments: Map<String, Value>) -> Result<Value, QmpError> {

@@ -6,9 +6,10 @@
 //! subscriber in its own style (compact or pretty).
 
 use std::cell::RefCell;
-use std::rc::Weak;
+use std::rc::{Rc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use ringblk_ring::Remote;
 use serde_json::Value;
 
 use super::json::{self, Ordered};
@@ -50,6 +51,21 @@ pub trait Subscriber {
     fn deliver(&self, event: &Event);
 }
 
+thread_local! {
+    /// The bus of the main context this thread runs, which [`post`] reaches.
+    static BUS: RefCell<Weak<Events>> = const { RefCell::new(Weak::new()) };
+}
+
+/// Emits event `name` with `data` from any thread (a write on an iothread crossing its node's
+/// threshold): posted to the main context `main`, whose installed bus sends it.
+pub fn post(main: &Remote, name: &'static str, data: Value) {
+    main.defer(move || {
+        if let Some(events) = BUS.with(|bus| bus.borrow().upgrade()) {
+            events.emit(name, data);
+        }
+    });
+}
+
 /// The subscribers, in subscription order. Dropped subscribers are pruned on the next emit.
 #[derive(Default)]
 pub struct Events {
@@ -57,6 +73,11 @@ pub struct Events {
 }
 
 impl Events {
+    /// Makes `events` the bus [`post`] reaches; called on the main context.
+    pub fn install(events: &Rc<Events>) {
+        BUS.with(|bus| *bus.borrow_mut() = Rc::downgrade(events));
+    }
+
     /// Adds a subscriber; it receives events until it is dropped.
     pub fn subscribe(&self, subscriber: Weak<dyn Subscriber>) {
         self.subscribers.borrow_mut().push(subscriber);
@@ -87,8 +108,6 @@ impl Events {
 
 #[cfg(test)]
 mod tests {
-    use std::rc::Rc;
-
     use serde_json::json;
 
     use super::*;

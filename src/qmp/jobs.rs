@@ -5,7 +5,8 @@
 use std::rc::Rc;
 
 use ringblk_mirror::{
-    CopyMode, JobEvent, JobInfo, JobProgress, Mirror, MirrorError, MirrorOptions, OnError,
+    CopyMode, JobEvent, JobInfo, JobProgress, JobStatus, Mirror, MirrorError, MirrorOptions,
+    OnError,
 };
 use serde_json::{Map, Value, json};
 
@@ -60,8 +61,8 @@ pub fn blockdev_mirror(
     let speed = args.optional_u64("speed")?;
     let granularity = args.optional_u64("granularity")?;
     let buf_size = args.optional_u64("buf-size")?;
-    let on_source_error = on_error(args.optional_enum("on-source-error", ON_ERROR)?)?;
-    let on_target_error = on_error(args.optional_enum("on-target-error", ON_ERROR)?)?;
+    let on_source_error = args.optional_enum("on-source-error", ON_ERROR)?;
+    let on_target_error = args.optional_enum("on-target-error", ON_ERROR)?;
     let filter_node_name = args.optional_string("filter-node-name")?;
     let mode = args.optional_enum("copy-mode", COPY_MODES)?;
     let auto_finalize = args.optional_bool("auto-finalize")?;
@@ -111,8 +112,8 @@ pub fn blockdev_mirror(
         buf_size: buf_size.unwrap_or(defaults.buf_size),
         speed: speed.unwrap_or(0),
         copy_mode: mode.as_deref().map_or(CopyMode::Background, copy_mode),
-        on_source_error,
-        on_target_error,
+        on_source_error: on_error(on_source_error)?,
+        on_target_error: on_error(on_target_error)?,
         auto_finalize: auto_finalize.unwrap_or(true),
         auto_dismiss: auto_dismiss.unwrap_or(true),
         unmap: unmap.unwrap_or(true),
@@ -130,34 +131,36 @@ pub fn blockdev_mirror(
     Ok(json!({}))
 }
 
-/// The job a `block-job-*` command names in `member` (QSD: DeviceNotActive).
-fn block_job(state: &State, args: &mut Arguments, member: &str) -> Result<Mirror, QmpError> {
-    let id = args.string(member)?;
-    let mut daemon = state.daemon.borrow_mut();
-    daemon.forget_finished_jobs();
-    daemon.job(&id).cloned().map_err(|_| QmpError {
-        class: "DeviceNotActive",
-        desc: format!("Block job '{id}' not found"),
-    })
-}
-
-/// The job a `job-*` command names (QSD: GenericError without the id).
-fn job(state: &State, args: &mut Arguments) -> Result<Mirror, QmpError> {
-    let id = args.string("id")?;
-    let mut daemon = state.daemon.borrow_mut();
-    daemon.forget_finished_jobs();
-    daemon
-        .job(&id)
-        .cloned()
-        .map_err(|_| QmpError::generic("Job not found"))
-}
-
 /// How a verb names its job: `job-*` by `id`, `block-job-*` by `device` (or `id` for
 /// finalize, dismiss and change), with their different not-found errors.
 #[derive(Clone, Copy)]
 enum Lookup {
     Job,
     BlockJob(&'static str),
+}
+
+impl Lookup {
+    /// The member that names the job.
+    fn member(self) -> &'static str {
+        match self {
+            Lookup::Job => "id",
+            Lookup::BlockJob(member) => member,
+        }
+    }
+
+    /// The job named `id`. Called once every argument has been read: QSD checks the arguments
+    /// against the schema before the command looks anything up.
+    fn find(self, state: &State, id: &str) -> Result<Mirror, QmpError> {
+        let mut daemon = state.daemon.borrow_mut();
+        daemon.forget_finished_jobs();
+        daemon.job(id).cloned().map_err(|_| match self {
+            Lookup::Job => QmpError::generic("Job not found"),
+            Lookup::BlockJob(_) => QmpError {
+                class: "DeviceNotActive",
+                desc: format!("Block job '{id}' not found"),
+            },
+        })
+    }
 }
 
 /// A verb taking only the job's name.
@@ -168,12 +171,9 @@ fn verb(
     act: impl FnOnce(&Mirror) -> Result<(), MirrorError>,
 ) -> Result<Value, QmpError> {
     let mut args = Arguments::new(arguments);
-    let mirror = match lookup {
-        Lookup::Job => job(state, &mut args)?,
-        Lookup::BlockJob(member) => block_job(state, &mut args, member)?,
-    };
+    let id = args.string(lookup.member())?;
     args.finish()?;
-    act(&mirror)?;
+    act(&lookup.find(state, &id)?)?;
     Ok(json!({}))
 }
 
@@ -249,9 +249,10 @@ pub fn block_job_cancel(
     arguments: Map<String, Value>,
 ) -> Result<Value, QmpError> {
     let mut args = Arguments::new(arguments);
-    let mirror = block_job(state, &mut args, "device")?;
+    let device = args.string("device")?;
     let force = args.optional_bool("force")?.unwrap_or(false);
     args.finish()?;
+    let mirror = Lookup::BlockJob("device").find(state, &device)?;
     if !force && mirror.query().paused {
         return Err(QmpError::generic(format!(
             "The block job for device '{}' is currently paused",
@@ -268,10 +269,12 @@ pub fn block_job_set_speed(
     arguments: Map<String, Value>,
 ) -> Result<Value, QmpError> {
     let mut args = Arguments::new(arguments);
-    let mirror = block_job(state, &mut args, "device")?;
+    let device = args.string("device")?;
     let speed = args.u64("speed")?;
     args.finish()?;
-    mirror.set_speed(speed)?;
+    Lookup::BlockJob("device")
+        .find(state, &device)?
+        .set_speed(speed)?;
     Ok(json!({}))
 }
 
@@ -281,22 +284,27 @@ pub fn block_job_change(
     arguments: Map<String, Value>,
 ) -> Result<Value, QmpError> {
     let mut args = Arguments::new(arguments);
-    let mirror = block_job(state, &mut args, "id")?;
+    let id = args.string("id")?;
     let _type = args.enumeration("type", &["mirror"])?;
     let mode = args.enumeration("copy-mode", COPY_MODES)?;
     args.finish()?;
-    mirror.change_copy_mode(copy_mode(&mode))?;
+    Lookup::BlockJob("id")
+        .find(state, &id)?
+        .change_copy_mode(copy_mode(&mode))?;
     Ok(json!({}))
 }
 
 fn block_job_info(info: &JobInfo) -> Value {
+    // QEMU's `paused` is "paused by anyone": a mirror that waits for its finalize keeps its
+    // source drained, and that drain pauses the job, so QSD says `paused: true` there.
+    let paused = info.paused || matches!(info.status, JobStatus::Waiting | JobStatus::Pending);
     let mut v = json!({
         "type": info.job_type,
         "device": info.device,
         "len": info.len,
         "offset": info.offset,
         "busy": info.busy,
-        "paused": info.paused,
+        "paused": paused,
         "speed": info.speed,
         "io-status": info.io_status.as_str(),
         "ready": info.ready,

@@ -97,6 +97,7 @@ impl QmpServer {
     /// A server without sockets, on the current (main) context. Commands act on `daemon`;
     /// events emitted on `events` reach every negotiated client.
     pub fn new(daemon: Rc<RefCell<Daemon>>, events: Rc<Events>) -> QmpServer {
+        Events::install(&events);
         let state = State {
             daemon,
             events: events.clone(),

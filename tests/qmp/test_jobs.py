@@ -107,6 +107,26 @@ class JobTest:
                 f.write(data)
         return path
 
+    def fallocated(self, name):
+        """A SIZE-byte image whose blocks are allocated but unwritten: reads as zeroes, and
+        block status says so (SEEK_DATA finds no data)."""
+        path = os.path.join(self.images.name, name)
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, SIZE)
+        finally:
+            os.close(fd)
+        return path
+
+    async def ready_time_s(self, **target_options):
+        """Mirrors a fallocated source to a sparse target at 1 MiB/s; seconds until READY."""
+        await self.add_file("src", self.fallocated("src.img"))
+        await self.add_file("tgt", self.image("tgt.img"), **target_options)
+        start = time.monotonic()
+        await self.mirror(speed=MiB)
+        self.assertEqual(await self.next_event("BLOCK_JOB_READY"), self.progress(speed=MiB))
+        return time.monotonic() - start
+
     async def add_file(self, node, path, **options):
         args = {"driver": "file", "node-name": node, "filename": path, **options}
         self.assertEqual(await self.execute("blockdev-add", args), {})
@@ -210,6 +230,46 @@ class JobBehaviour(JobTest):
         self.assertEqual(await self.execute("query-jobs"), [])
         self.assertTrue(read(target_path) == read(source_path) == pattern(),
                         "the target holds the source's bytes")
+
+    async def test_speed_does_not_charge_zeroes_written_to_an_unmap_target(self):
+        # Copying 64 MiB of data at 1 MiB/s would take 64 s; the source reads as zeroes, and
+        # zeroes written to a target with discard=unmap are not counted (QEMU's rate limit
+        # counts only copied data; it counts zero writes when it cannot unmap them, see
+        # RingblkOnly).
+        self.assertLess(await self.ready_time_s(discard="unmap"), 5)
+
+    async def block_graph(self):
+        """x-debug-query-block-graph with vertices as (type, name) instead of ids: the sorted
+        edges (name, parent, child, perm, shared-perm) and the vertices."""
+        graph = await self.execute("x-debug-query-block-graph")
+        vertices = {v["id"]: (v["type"], v["name"]) for v in graph["nodes"]}
+        edges = sorted((e["name"], vertices[e["parent"]], vertices[e["child"]],
+                        tuple(e["perm"]), tuple(e["shared-perm"])) for e in graph["edges"])
+        return edges, sorted(vertices.values())
+
+    async def test_block_graph_shows_the_export_then_the_job_and_its_filter(self):
+        await self.setup_pair()
+        all_perms = ("resize", "write-unchanged", "write", "consistent-read")
+        src, tgt = ("block-driver", "src"), ("block-driver", "tgt")
+        edges, vertices = await self.block_graph()
+        self.assertEqual(vertices, [("block-backend", ""), src, tgt])
+        self.assertEqual(edges, [("root", ("block-backend", ""), src,
+                                  ("write", "consistent-read"), all_perms)])
+        await self.mirror(speed=MiB)
+        edges, vertices = await self.block_graph()
+        job = ("block-job", "j")
+        self.assertIn(job, vertices)
+        filters = [e[2] for e in edges if e[:2] == ("main node", job)]
+        self.assertEqual(len(filters), 1, edges)
+        shared = all_perms[1:]
+        for edge in [("main node", job, filters[0], ("consistent-read",), shared),
+                     ("source", job, src, (), shared),
+                     ("target", job, tgt, (), all_perms),
+                     ("backing", filters[0], src, ("write", "consistent-read"), shared),
+                     ("root", ("block-backend", ""), filters[0], ("write", "consistent-read"),
+                      all_perms)]:
+            with self.subTest(edge=edge):
+                self.assertIn(edge, edges)
 
     async def test_cancel_before_ready_is_cancelled_and_leaves_the_export_on_the_source(self):
         await self.setup_pair()
@@ -358,6 +418,10 @@ class JobBehaviour(JobTest):
         self.assertEqual(await self.quiet(), [])
         self.assertEqual(self.statuses(), ["created", "running", "ready", "waiting", "pending"])
         self.assertEqual([j["status"] for j in await self.execute("query-jobs")], ["pending"])
+        info = await self.block_job()
+        self.assertEqual((info["status"], info["paused"], info["busy"], info["ready"]),
+                         ("pending", True, False, False),
+                         "a job waiting for its finalize is paused by its own drain")
         self.assertNotEqual(await self.export_node(), "tgt", "no pivot before finalize")
         await self.assertError("GenericError",
                                "Job 'j' in state 'pending' cannot accept command verb 'complete'",
@@ -449,6 +513,10 @@ class JobBehaviour(JobTest):
         await self.assertError("GenericError",
                                "Node 'src' is busy: block device is in use by block job: mirror",
                                "blockdev-del", {"node-name": "src"})
+        for node in ("src", "tgt"):
+            await self.assertError(
+                "GenericError", f"Node '{node}' is busy: block device is in use by block job: "
+                "mirror", "block_resize", {"node-name": node, "size": MiB})
         await self.assertError("GenericError",
                                "Job 'j' in state 'running' cannot accept command verb 'complete'",
                                "block-job-complete", {"device": "j"})
@@ -486,6 +554,31 @@ class JobBehaviour(JobTest):
         self.assertTrue(read(target_path) == source, "every write before the pivot is on the "
                         "target")
 
+
+    async def test_write_threshold_fires_once_for_the_first_write_past_it(self):
+        if not os.path.exists(BENCH):
+            self.skipTest(f"ringblk-bench not found at {BENCH} (cargo build -p ringblk-bench)")
+        await self.setup_pair()
+        await self.assertError("GenericError", "Parameter 'write-threshold' expects uint64",
+                               "block-set-write-threshold",
+                               {"node-name": "nope", "write-threshold": "x"})
+        await self.assertError("GenericError", "Device 'nope' not found",
+                               "block-set-write-threshold",
+                               {"node-name": "nope", "write-threshold": MiB})
+        args = {"node-name": "src", "write-threshold": 32 * MiB}
+        self.assertEqual(await self.execute("block-set-write-threshold", args), {})
+        nodes = {n["node-name"]: n for n in await self.execute("query-named-block-nodes")}
+        self.assertEqual(nodes["src"]["write_threshold"], 32 * MiB)
+        # One sequential writer, one request at a time: [32 MiB, 33 MiB) is the first write
+        # that ends past the threshold; the later ones find it disarmed.
+        code, output = await self.run_bench("[w]\nrw=write\nbs=1m\niodepth=1\nsize=64m\n")
+        self.assertEqual(code, 0, output)
+        self.assertEqual(await self.next_event("BLOCK_WRITE_THRESHOLD"),
+                         {"node-name": "src", "amount-exceeded": MiB,
+                          "write-threshold": 32 * MiB})
+        self.assertNotIn("BLOCK_WRITE_THRESHOLD", await self.quiet())
+        nodes = {n["node-name"]: n for n in await self.execute("query-named-block-nodes")}
+        self.assertEqual(nodes["src"]["write_threshold"], 0)
 
     async def run_bench(self, text, timeout=WAIT_S):
         """Runs ringblk-bench with the job `text` on the export; returns (exit code, output)."""
@@ -714,6 +807,14 @@ class RingblkOnly(JobTest, unittest.IsolatedAsyncioTestCase):
                     "GenericError", f"sync={sync} is not supported by ringblk (only full)",
                     "blockdev-mirror", {"device": "src", "target": "tgt", "sync": sync})
         self.assertEqual(await self.execute("query-block-jobs"), [])
+
+    async def test_speed_never_charges_zero_writes(self):
+        # QSD counts zero writes against the speed limit unless the target was opened with
+        # discard=unmap (mirror.c: io_bytes_acct = 0 only when write_zeroes_ok), so there this
+        # mirror of a fallocated 64 MiB source at 1 MiB/s is READY after 64 s. ringblk charges
+        # only data read from the source and written to the target, whatever the target's
+        # discard option: a limit meant to spare the storage is not spent on zeroes.
+        self.assertLess(await self.ready_time_s(), 5)
 
     async def test_a_size_mismatch_is_refused_at_once(self):
         # QSD accepts the command and the job then fails at its start (BLOCK_JOB_COMPLETED with

@@ -305,6 +305,128 @@ class QmpBehaviour:
             with self.subTest(command=command, arguments=arguments):
                 await self.assertError("GenericError", desc, command, arguments)
 
+    async def test_argument_errors_come_before_lookups(self):
+        # QSD checks the arguments against the schema before the command runs, so a wrong
+        # argument is reported even when the job or node it names does not exist.
+        cases = [
+            ("block-job-set-speed", {"device": "m0", "speed": "fast"},
+             "Invalid parameter type for 'speed', expected: integer"),
+            ("block-job-set-speed", {"device": "m0"}, "Parameter 'speed' is missing"),
+            ("block-job-cancel", {"device": "m0", "force": "yes"},
+             "Invalid parameter type for 'force', expected: boolean"),
+            ("block-job-resume", {"device": 1},
+             "Invalid parameter type for 'device', expected: string"),
+            ("block-job-change", {"id": "m0", "type": "mirror", "copy-mode": "fast"},
+             "Parameter 'copy-mode' does not accept value 'fast'"),
+            ("block-job-change", {"id": "m0", "type": "mirror"}, "Parameter 'copy-mode' is missing"),
+            ("job-cancel", {"id": 2}, "Invalid parameter type for 'id', expected: string"),
+            ("blockdev-mirror", {"device": "a", "target": "b", "sync": "full", "speed": "x"},
+             "Invalid parameter type for 'speed', expected: integer"),
+            ("blockdev-mirror", {"device": "a", "target": "b", "sync": "fast"},
+             "Parameter 'sync' does not accept value 'fast'"),
+            ("block-export-add", {"type": "vhost-user-blk", "id": "e", "node-name": "a",
+                                  "writable": "x", "addr": {"type": "unix", "path": "/x.sock"}},
+             "Invalid parameter type for 'writable', expected: boolean"),
+            ("blockdev-add", {"driver": "file", "node-name": "n", "filename": "/nonexistent",
+                              "read-only": "x"},
+             "Invalid parameter type for 'read-only', expected: boolean"),
+            ("object-add", {"qom-type": "iothread", "id": "io0", "poll-max-ns": "x"},
+             "Invalid parameter type for 'poll-max-ns', expected: integer"),
+            ("block-export-del", {"id": "e", "mode": 1},
+             "Invalid parameter type for 'mode', expected: string"),
+            ("query-named-block-nodes", {"flat": 1},
+             "Invalid parameter type for 'flat', expected: boolean"),
+        ] + [(command, {member: "m0", "x": 1}, "Parameter 'x' is unexpected")
+             for command, member in [
+                 ("block-job-pause", "device"), ("block-job-complete", "device"),
+                 ("block-job-finalize", "id"), ("block-job-dismiss", "id"),
+                 ("job-pause", "id"), ("job-resume", "id"), ("job-complete", "id"),
+                 ("job-finalize", "id"), ("job-dismiss", "id"), ("block-export-del", "id")]
+        ] + [(command, {"x": 1}, "Parameter 'x' is unexpected")
+             for command in ["query-block-jobs", "query-jobs", "query-block-exports",
+                             "query-commands", "quit"]]
+        for command, arguments, desc in cases:
+            with self.subTest(command=command, arguments=arguments):
+                await self.assertError("GenericError", desc, command, arguments)
+
+    async def test_query_named_block_nodes_describes_each_node_as_qsd_does(self):
+        image = self.daemon.path("disk.img")
+        with open(image, "wb") as f:
+            f.write(b"x" * 8192)
+            f.truncate(1 << 20)
+        await self.execute("blockdev-add", {"driver": "file", "node-name": "disk",
+                                            "filename": image, "cache": {"direct": True}})
+        await self.execute("blockdev-add", {"driver": "file", "node-name": "ro",
+                                            "filename": image, "read-only": True})
+        await self.execute("blockdev-add", {"driver": "null-co", "node-name": "null0",
+                                            "size": 8192, "read-zeroes": True})
+        await self.add_null("null1", 4096)
+        nodes = {n["node-name"]: n for n in await self.execute("query-named-block-nodes")}
+        common = {"active": True, "backing_file_depth": 0, "encrypted": False,
+                  "detect_zeroes": "off", "write_threshold": 0, "bps": 0, "bps_rd": 0,
+                  "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0}
+
+        def file_node(name, ro, direct):
+            return {**common, "node-name": name, "drv": "file", "ro": ro, "file": image,
+                    "cache": {"writeback": True, "direct": direct, "no-flush": False},
+                    "image": {"filename": image, "format": "file", "virtual-size": 1 << 20,
+                              "actual-size": os.stat(image).st_blocks * 512,
+                              "dirty-flag": False,
+                              "format-specific": {"type": "file", "data": {}}}}
+
+        def null_node(name, size, filename):
+            return {**common, "node-name": name, "drv": "null-co", "ro": False,
+                    "file": filename,
+                    "cache": {"writeback": True, "direct": False, "no-flush": False},
+                    "image": {"filename": filename, "format": "null-co", "virtual-size": size,
+                              "actual-size": 0}}
+
+        self.assertEqual(nodes, {
+            "disk": file_node("disk", False, True),
+            "ro": file_node("ro", True, False),
+            "null0": null_node("null0", 8192,
+                               'json:{"read-zeroes": true, "driver": "null-co", "size": 8192}'),
+            "null1": null_node("null1", 4096, 'json:{"driver": "null-co", "size": 4096}'),
+        })
+
+    async def test_block_resize_grows_and_shrinks_a_file_node(self):
+        image = self.daemon.path("disk.img")
+        with open(image, "wb") as f:
+            f.truncate(1 << 20)
+        await self.execute("blockdev-add", {"driver": "file", "node-name": "disk",
+                                            "filename": image})
+        for size in (3 << 20, (1 << 20) + 100, 4096):
+            with self.subTest(size=size):
+                self.assertEqual(await self.execute("block_resize",
+                                                    {"node-name": "disk", "size": size}), {})
+                nodes = await self.execute("query-named-block-nodes")
+                # The file takes the size; QEMU counts whole 512-byte sectors.
+                self.assertEqual(os.path.getsize(image), size)
+                self.assertEqual(nodes[0]["image"]["virtual-size"], (size + 511) // 512 * 512)
+
+    async def test_block_resize_refusals_get_qsd_messages(self):
+        image = self.daemon.path("ro.img")
+        with open(image, "wb") as f:
+            f.truncate(1 << 20)
+        await self.execute("blockdev-add", {"driver": "file", "node-name": "ro",
+                                            "filename": image, "read-only": True})
+        await self.add_null("n")
+        cases = [
+            ({"node-name": "nope", "size": "x"},
+             "Invalid parameter type for 'size', expected: integer"),
+            ({"node-name": "n"}, "Parameter 'size' is missing"),
+            ({"node-name": "nope", "size": 4096}, "Cannot find device='' nor node-name='nope'"),
+            ({"device": "n", "size": 4096}, "Cannot find device='n' nor node-name=''"),
+            ({"size": 4096}, "Cannot find device='' nor node-name=''"),
+            ({"node-name": "n", "size": -1}, "Parameter 'size' expects a >0 size"),
+            ({"node-name": "n", "size": 8192}, "Image format driver does not support resize"),
+            ({"node-name": "ro", "size": 8192}, "Image is read-only"),
+        ]
+        for arguments, desc in cases:
+            with self.subTest(arguments=arguments):
+                await self.assertError("GenericError", desc, "block_resize", arguments)
+        self.assertEqual(os.path.getsize(image), 1 << 20)
+
     async def test_quit_replies_and_exits_0(self):
         self.assertEqual(await self.execute("quit"), {})
         self.assertEqual(await asyncio.to_thread(self.daemon.wait), 0)
@@ -536,6 +658,24 @@ class RingblkOnly(unittest.TestCase):
         self.assertFalse(os.path.exists(self.daemon.socket_path))
 
 
+    def test_block_resize_of_an_exported_node_without_a_frontend(self):
+        # QSD 10.0.2 dies here, without a message: its vhost-user-blk export tells a frontend
+        # that is not connected. ringblk resizes; the next frontend reads the new capacity.
+        client = self.connect()
+        client.negotiate()
+        image = self.daemon.path("disk.img")
+        with open(image, "wb") as f:
+            f.truncate(1 << 20)
+        client.execute("blockdev-add", {"driver": "file", "node-name": "disk", "filename": image})
+        client.execute("block-export-add", {"type": "vhost-user-blk", "id": "e",
+                                            "node-name": "disk", "writable": True,
+                                            "addr": {"type": "unix",
+                                                     "path": self.daemon.path("v.sock")}})
+        self.assertEqual(client.execute("block_resize", {"node-name": "disk", "size": 2 << 20}),
+                         {"return": {}})
+        self.assertEqual(os.path.getsize(image), 2 << 20)
+        self.assertEqual(client.execute("query-block-exports")["return"][0]["node-name"], "disk")
+
     def test_greeting_names_ringblk_and_matches_qsd_byte_for_byte_otherwise(self):
         client = RawClient(self.daemon.socket_path)
         raw = client.sock.recv(4096)
@@ -552,8 +692,11 @@ class RingblkOnly(unittest.TestCase):
         client.close()
         self.assertEqual(names, {
             "qmp_capabilities", "query-version", "query-commands", "quit",
-            "blockdev-add", "blockdev-del", "query-named-block-nodes",
+            "blockdev-add", "blockdev-del", "query-named-block-nodes", "block_resize",
+            "block-set-write-threshold",
             "block-export-add", "block-export-del", "query-block-exports",
+            "nbd-server-start", "nbd-server-stop",
+            "x-debug-query-block-graph",
             "object-add", "object-del",
             "blockdev-mirror", "query-block-jobs", "query-jobs",
             "block-job-complete", "block-job-cancel", "block-job-pause", "block-job-resume",

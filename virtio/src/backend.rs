@@ -10,7 +10,9 @@
 //! are spread round-robin.
 
 use std::fs::File;
+use std::io::Write;
 use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -18,9 +20,10 @@ use ringblk_blkgraph::BackendHandle;
 use ringblk_ring::{Group, Remote};
 use vhost::VhostUserMemoryRegionBase;
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
-    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
-    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+    BackendReq, VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+    VhostUserInflight, VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures,
+    VhostUserShMemConfig, VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags,
+    VhostUserVringState,
 };
 use vhost::vhost_user::{Error, GpuBackend, Result, VhostUserBackendReqHandlerMut};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -32,6 +35,8 @@ use crate::queue::{AddressSpace, QueueConfig, SplitQueue};
 use crate::serve::{self, QueueStart};
 
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// The version bits of a vhost-user message header's flags.
+pub(crate) const VHOST_USER_VERSION: u32 = 0x1;
 const MAX_MEM_SLOTS: u64 = 32;
 const QUEUE_SIZE_MAX: u32 = 32768;
 
@@ -42,11 +47,24 @@ static NEXT_QUEUE_KEY: AtomicU64 = AtomicU64::new(0);
 /// What an export tells its backend about itself.
 pub(crate) struct Device {
     pub export_id: String,
-    pub config: BlkConfig,
+    /// The config space as the export started; [`Device::config`] adds the current capacity.
+    pub initial_config: BlkConfig,
+    /// The capacity now, in 512-byte sectors (it changes at `block_resize`).
+    pub capacity_sectors: AtomicU64,
     pub handle: BackendHandle,
     pub group: Group,
     pub rings: Vec<Remote>,
     pub device_id: [u8; 20],
+}
+
+impl Device {
+    /// The config space now.
+    pub(crate) fn config(&self) -> BlkConfig {
+        BlkConfig {
+            capacity_sectors: self.capacity_sectors.load(Ordering::Relaxed),
+            ..self.initial_config.clone()
+        }
+    }
 }
 
 #[derive(Default)]
@@ -69,17 +87,20 @@ pub(crate) struct BlkBackend {
     protocol_features: u64,
     memory: Option<Arc<MemoryTable>>,
     vrings: Vec<Vring>,
+    /// The backend request channel (SET_BACKEND_REQ_FD), once the frontend gave one.
+    backend_channel: Option<UnixStream>,
 }
 
 impl BlkBackend {
     pub(crate) fn new(device: Arc<Device>) -> BlkBackend {
-        let queues = usize::from(device.config.num_queues);
+        let queues = usize::from(device.initial_config.num_queues);
         BlkBackend {
             device,
             acked_features: 0,
             protocol_features: 0,
             memory: None,
             vrings: (0..queues).map(|_| Vring::default()).collect(),
+            backend_channel: None,
         }
     }
 
@@ -147,7 +168,7 @@ impl BlkBackend {
         let start = QueueStart {
             name: format!("export '{}' queue {index}", self.device.export_id),
             queue,
-            limits: self.device.config.request_limits(),
+            limits: self.device.config().request_limits(),
             handle: self.device.handle.clone(),
             group: self.device.group,
             kick,
@@ -175,6 +196,41 @@ impl BlkBackend {
     pub(crate) fn stop_all(&mut self) {
         for index in 0..self.vrings.len() {
             self.stop(index);
+        }
+    }
+
+    /// Keeps the backend request channel the export took from SET_BACKEND_REQ_FD.
+    pub(crate) fn set_backend_channel(&mut self, channel: UnixStream) {
+        self.backend_channel = Some(channel);
+    }
+
+    /// The device's capacity changed: running queues check requests against the new one, then
+    /// the frontend is told with VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (it re-reads the config
+    /// space and interrupts the guest's driver). Without a backend channel the guest learns
+    /// the capacity only when it next reads the config space.
+    pub(crate) fn capacity_changed(&mut self) {
+        let limits = self.device.config().request_limits();
+        for index in 0..self.vrings.len() {
+            if let Some(key) = self.vrings[index].running {
+                self.ring_of(index)
+                    .call(move || serve::set_limits(key, limits));
+            }
+        }
+        let Some(channel) = &mut self.backend_channel else {
+            return;
+        };
+        // Header only (the message has no payload), without NEED_REPLY: nothing to wait for.
+        let request = u32::from(BackendReq::CONFIG_CHANGE_MSG);
+        let flags = VHOST_USER_VERSION;
+        let mut message = [0u8; 12];
+        message[..4].copy_from_slice(&request.to_ne_bytes());
+        message[4..8].copy_from_slice(&flags.to_ne_bytes());
+        if let Err(e) = channel.write_all(&message) {
+            eprintln!(
+                "ringblk: {}: config change not sent to the frontend: {e}",
+                self.device.export_id
+            );
+            self.backend_channel = None;
         }
     }
 
@@ -239,7 +295,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     }
 
     fn get_features(&mut self) -> Result<u64> {
-        Ok(self.device.config.device_features()
+        Ok(self.device.initial_config.device_features()
             | (1 << VIRTIO_F_VERSION_1)
             | VHOST_USER_F_PROTOCOL_FEATURES)
     }
@@ -350,7 +406,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         Ok(VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::BACKEND_REQ)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
@@ -362,7 +419,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     }
 
     fn get_queue_num(&mut self) -> Result<u64> {
-        Ok(u64::from(self.device.config.num_queues))
+        Ok(u64::from(self.device.initial_config.num_queues))
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
@@ -388,7 +445,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         }
         let mut out = vec![0; len];
         self.device
-            .config
+            .config()
             .read(offset, &mut out)
             .map_err(|_| Error::InvalidParam)?;
         Ok(out)

@@ -21,10 +21,11 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,7 +36,7 @@ use ringblk_ring::{Context, Group, Op, Remote, SourceId};
 use vhost::vhost_user::message::{FrontendReq, MAX_MSG_SIZE, VhostUserHeaderFlag};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
-use crate::backend::{BlkBackend, Device};
+use crate::backend::{BlkBackend, Device, VHOST_USER_VERSION};
 use crate::config::{BlkConfig, device_id};
 
 /// How an export is set up, as QSD's `--export type=vhost-user-blk` names it.
@@ -142,7 +143,8 @@ impl Export {
         });
         let device = Arc::new(Device {
             export_id: config.id.clone(),
-            config: blk,
+            capacity_sectors: AtomicU64::new(blk.capacity_sectors),
+            initial_config: blk,
             handle,
             group,
             rings,
@@ -167,6 +169,22 @@ impl Export {
     /// The handle the export's device submits to.
     pub fn handle(&self) -> &BackendHandle {
         &self.0.device.handle
+    }
+
+    /// The node behind the export changed size (`block_resize`): the device's capacity follows
+    /// it (whole 512-byte sectors), and a connected frontend is told at once.
+    pub fn capacity_changed(&self) {
+        let sectors = self.0.device.handle.root().size() / 512;
+        self.0
+            .device
+            .capacity_sectors
+            .store(sectors, Ordering::Relaxed);
+        if let Some(conn) = self.0.connection.borrow().as_ref() {
+            conn.backend
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .capacity_changed();
+        }
     }
 
     /// Whether a frontend is connected.
@@ -242,7 +260,12 @@ fn serve_message(inner: &Rc<Inner>) {
     let result = match inner.connection.borrow_mut().as_mut() {
         Some(conn) => {
             conn.partial_since = None;
-            conn.handler.handle_request()
+            match header {
+                Some(h) if h.request == u32::from(FrontendReq::SET_BACKEND_REQ_FD) => {
+                    take_backend_channel(conn, h)
+                }
+                _ => conn.handler.handle_request(),
+            }
         }
         None => return,
     };
@@ -269,6 +292,59 @@ fn serve_message(inner: &Rc<Inner>) {
             inner.device.export_id
         ),
     }
+}
+
+/// SET_BACKEND_REQ_FD, read here instead of by the vhost crate: the crate wraps the channel in
+/// a `Backend` that cannot send CONFIG_CHANGE_MSG (vhost 0.18), so the backend keeps the
+/// socket itself. Answers NEED_REPLY as the crate would (REPLY_ACK, 0 for success).
+fn take_backend_channel(conn: &Connection, header: Header) -> Result<(), VhostError> {
+    use nix::sys::socket::{ControlMessageOwned, recvmsg};
+    let fd = conn.handler.as_raw_fd();
+    let size = usize::try_from(header.size).map_err(|_| VhostError::InvalidMessage)?;
+    let mut bytes = vec![0u8; HEADER_BYTES + size];
+    let mut iov = [io::IoSliceMut::new(&mut bytes)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), flags)
+        .map_err(|e| VhostError::SocketError(e.into()))?;
+    let received: Vec<RawFd> = msg
+        .cmsgs()
+        .map_err(|e| VhostError::SocketError(e.into()))?
+        .flat_map(|cmsg| match cmsg {
+            ControlMessageOwned::ScmRights(fds) => fds,
+            _ => Vec::new(),
+        })
+        .collect();
+    let owned: Vec<OwnedFd> = received
+        .into_iter()
+        // SAFETY: recvmsg has just created these descriptors in this process for this message;
+        // nothing else knows them, so each OwnedFd is their only owner.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    let Ok([channel]) = <[OwnedFd; 1]>::try_from(owned) else {
+        return Err(VhostError::IncorrectFds);
+    };
+    if msg.bytes != bytes.len() {
+        return Err(VhostError::PartialMessage);
+    }
+    if header.flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0 {
+        let mut reply = Vec::with_capacity(HEADER_BYTES + 8);
+        reply.extend_from_slice(&header.request.to_ne_bytes());
+        let flags = VHOST_USER_VERSION | VhostUserHeaderFlag::REPLY.bits();
+        reply.extend_from_slice(&flags.to_ne_bytes());
+        reply.extend_from_slice(&8u32.to_ne_bytes());
+        reply.extend_from_slice(&0u64.to_ne_bytes());
+        let sent = nix::sys::socket::send(fd, &reply, MsgFlags::MSG_NOSIGNAL)
+            .map_err(|e| VhostError::SocketError(e.into()))?;
+        if sent != reply.len() {
+            return Err(VhostError::PartialMessage);
+        }
+    }
+    conn.backend
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .set_backend_channel(UnixStream::from(channel));
+    Ok(())
 }
 
 /// Drops the connection and listens for the next frontend.

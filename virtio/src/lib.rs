@@ -35,9 +35,9 @@
 //! ADD_MEM_REG / REM_MEM_REG, the `BlkConfig` and its features, and a `SplitQueue` per vring
 //! (`SplitQueue::new`, `set_next_avail` from SET_VRING_BASE), then hands each queue to its I/O
 //! context, posting later table updates there (`SplitQueue::set_memory`). The I/O context, on a
-//! kick: `pop` → `blk::parse_request` → submit `RequestKind`'s buffers to io_uring → on
-//! completion `Completion::complete(status)` → `add_used`; once per batch `publish_used` and, if
-//! `needs_notification`, signal the call eventfd. It counts a request in flight from `pop` until
+//! kick: `pop` (a chunk of chains per loop turn) → `blk::parse_request` → submit `RequestKind`'s
+//! buffers to io_uring → on completion `Completion::complete(status)` → `add_used`; once per
+//! turn `publish_used` and, if `needs_notification`, signal the call eventfd. It counts a request in flight from `pop` until
 //! `add_used`.
 
 mod backend;
