@@ -56,6 +56,8 @@ class Server:
     def __init__(self, kind: str, args, image: str, where: tuple[str | None, str]) -> None:
         ns, address = where  # address: a socket path, or an IP in namespace `ns`
         if address.startswith("/"):
+            if os.path.exists(address):
+                os.unlink(address)  # a socket file the previous server left behind
             flat = f"addr.type=unix,addr.path={address}"
             self.uri = f"nbd+unix:///disk?socket={address}"
         else:
