@@ -145,6 +145,23 @@ fn assert_nothing_lost(ctx: &Context, run: &mut Run, root: &Node, what: &str) {
     );
 }
 
+/// Which node the device must be on after the job's end.
+#[derive(Clone, Copy)]
+enum Root {
+    Source,
+    Target,
+}
+
+/// After the job's end: the guest is served, and nothing acknowledged is lost on `root`.
+fn assert_served_and_intact(ctx: &Context, run: &mut Run, root: Root, what: &str) {
+    assert_guest_served(ctx, run, what);
+    let root = match root {
+        Root::Source => run.source_node.clone(),
+        Root::Target => run.target_node.clone(),
+    };
+    assert_nothing_lost(ctx, run, &root, what);
+}
+
 /// Runs `case` on a fresh main context with the device on an I/O thread.
 fn with_device_on_iothread(case: impl FnOnce(&Context, Remote) + Send + 'static) {
     let iothread = IoThread::spawn("guest", Duration::ZERO).unwrap();
@@ -193,9 +210,7 @@ fn target_errors_with_report_fail_the_job_never_the_guest() {
                 Faults::set(&run.target_faults.fail_writes, true);
                 let error = wait_end(ctx, &mut run);
                 assert!(error.is_some(), "{what}: the job reports the error");
-                assert_guest_served(ctx, &mut run, &what);
-                let source = run.source_node.clone();
-                assert_nothing_lost(ctx, &mut run, &source, &what);
+                assert_served_and_intact(ctx, &mut run, Root::Source, &what);
             });
         }
     }
@@ -210,9 +225,7 @@ fn source_read_errors_with_report_fail_the_job_never_the_guest() {
             Faults::set(&run.source_faults.fail_reads, true);
             let error = wait_end(ctx, &mut run);
             assert!(error.is_some(), "{what}: the job reports the error");
-            assert_guest_served(ctx, &mut run, &what);
-            let source = run.source_node.clone();
-            assert_nothing_lost(ctx, &mut run, &source, &what);
+            assert_served_and_intact(ctx, &mut run, Root::Source, &what);
         });
     }
 }
@@ -244,9 +257,7 @@ fn target_out_of_space_with_enospc_pauses_the_job_and_the_guest_keeps_writing() 
             run.events.wait_ready(ctx);
             run.mirror.complete().unwrap();
             assert_eq!(wait_end(ctx, &mut run), None, "{what}");
-            assert_guest_served(ctx, &mut run, &what);
-            let target = run.target_node.clone();
-            assert_nothing_lost(ctx, &mut run, &target, &what);
+            assert_served_and_intact(ctx, &mut run, Root::Target, &what);
         });
     }
 }
@@ -273,9 +284,7 @@ fn target_errors_with_ignore_retry_while_the_guest_writes_then_pivot() {
             run.events.wait_ready(ctx);
             run.mirror.complete().unwrap();
             assert_eq!(wait_end(ctx, &mut run), None, "{what}");
-            assert_guest_served(ctx, &mut run, &what);
-            let target = run.target_node.clone();
-            assert_nothing_lost(ctx, &mut run, &target, &what);
+            assert_served_and_intact(ctx, &mut run, Root::Target, &what);
         });
     }
 }
@@ -298,9 +307,7 @@ fn target_errors_with_stop_pause_then_cancel_leaves_the_guest_on_the_source() {
             assert_guest_served(ctx, &mut run, &format!("{what}, paused"));
             run.mirror.cancel(false).unwrap();
             wait_end(ctx, &mut run);
-            assert_guest_served(ctx, &mut run, &what);
-            let source = run.source_node.clone();
-            assert_nothing_lost(ctx, &mut run, &source, &what);
+            assert_served_and_intact(ctx, &mut run, Root::Source, &what);
         });
     }
 }
@@ -317,9 +324,7 @@ fn a_target_failing_during_the_final_sync_fails_the_job_and_the_guest_stays_on_t
             run.mirror.complete().unwrap();
             let error = wait_end(ctx, &mut run);
             assert!(error.is_some(), "{what}: the job reports the error");
-            assert_guest_served(ctx, &mut run, &what);
-            let source = run.source_node.clone();
-            assert_nothing_lost(ctx, &mut run, &source, &what);
+            assert_served_and_intact(ctx, &mut run, Root::Source, &what);
         });
     }
 }
@@ -372,9 +377,7 @@ fn cancel_in_every_state_leaves_the_guest_served() {
                 }
                 run.mirror.cancel(false).unwrap();
                 wait_end(ctx, &mut run);
-                assert_guest_served(ctx, &mut run, &what);
-                let source = run.source_node.clone();
-                assert_nothing_lost(ctx, &mut run, &source, &what);
+                assert_served_and_intact(ctx, &mut run, Root::Source, &what);
             });
         }
     }
